@@ -1,0 +1,46 @@
+"""Errors raised by the generator and reward clients."""
+
+from __future__ import annotations
+
+
+class ClientError(Exception):
+    """Base class for every client failure."""
+
+
+class ServerUnavailableError(ClientError):
+    """No endpoint answered (connection refused, timeouts, 5xx) after every retry."""
+
+
+class RetryableStatusError(ClientError):
+    """A transient HTTP status (429/500/502/503/504): the request may be sent again."""
+
+    def __init__(self, url: str, status: int, message: str) -> None:
+        super().__init__(f"{url} answered HTTP {status}: {message}")
+        self.url = url
+        self.status = status
+        self.message = message
+
+
+class ServerRequestError(ClientError):
+    """The server refused the request (400/404/422/501...): retrying would not help.
+
+    The server's own message is part of the exception text.
+    """
+
+    def __init__(self, url: str, status: int, message: str) -> None:
+        super().__init__(f"{url} rejected the request (HTTP {status}): {message}")
+        self.url = url
+        self.status = status
+        self.message = message
+
+
+class ProtocolError(ClientError):
+    """The server answered, but not in the shape this client speaks (missing or wrong fields)."""
+
+
+class ModelNotServedError(ClientError):
+    """The configured model name is not among the names the server serves."""
+
+
+class PromptTooLongError(ClientError):
+    """A templated prompt is longer than `max_prompt_length`; we never cut prompts silently."""

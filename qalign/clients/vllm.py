@@ -1,0 +1,546 @@
+"""vLLM backends: `/v1/completions` on exact token ids, and `/classify` (or `/pooling`) rewards.
+
+Generation (see docs/server-apis.md §1):
+* prompts are token ids (from `POST /tokenize` with `messages`), used verbatim by the server;
+* every sampling parameter is sent explicitly (vLLM otherwise fills them from the model's
+  `generation_config.json`), with `max_tokens`, `n: 1` and a per-request `seed`;
+* the sampled ids come from `return_token_ids` (vLLM >= 0.10.2) or, on older servers, from
+  `logprobs: 0` + `return_tokens_as_token_ids` (`"token_id:N"` strings). Which one is used is
+  detected at `start()` (`/openapi.json`, else a one-token probe).
+
+Rewards (§2): conversations are templated by the reward server's own `POST /tokenize`
+(`messages`, no generation prompt), then scored in batches by ONE `POST /classify` per batch with
+`use_activation: false` so `probs[0]` is the raw logit. Servers that ignore `use_activation`
+(always sigmoid) are detected at `start()` and their probabilities mapped back with logit(p).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+import re
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+from qalign.clients.base import Continuation, Conversation, SamplingParams
+from qalign.clients.errors import ClientError, ModelNotServedError, ProtocolError
+from qalign.clients.http import (
+    EndpointPool,
+    HttpSettings,
+    as_float,
+    as_int_list,
+    check_context,
+    check_ids,
+    first_number,
+    logit,
+    require_dict,
+    truncate_to_budget,
+)
+from qalign.core.state import Finish
+
+log = logging.getLogger(__name__)
+
+_TOKEN_ID_RE = re.compile(r"^token_id:(\d+)$")
+
+#: A short conversation used to probe reward servers at startup.
+PROBE_CONVERSATION: Conversation = [
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "2 + 2 = 4."},
+]
+
+TokenIdsMode = Literal["auto", "token_ids", "logprobs"]
+
+
+def vllm_seed(seed: int) -> int:
+    """vLLM takes a signed 64-bit seed; fold any Python int into [0, 2**63)."""
+    return int(seed) % (1 << 63)
+
+
+def parse_token_id_strings(tokens: Any, what: str = "logprobs.tokens") -> list[int]:
+    """Ids from vLLM's `return_tokens_as_token_ids` strings ("token_id:1234")."""
+    if not isinstance(tokens, list):
+        raise ProtocolError(f"{what} is not a list: {tokens!r:.200}")
+    out: list[int] = []
+    for tok in tokens:
+        m = _TOKEN_ID_RE.match(tok) if isinstance(tok, str) else None
+        if m is None:
+            raise ProtocolError(
+                f"{what} entry {tok!r} is not 'token_id:N' (this vLLM predates the"
+                " return_tokens_as_token_ids request field; upgrade it or start it with"
+                " --return-tokens-as-token-ids)"
+            )
+        out.append(int(m.group(1)))
+    return out
+
+
+def served_model_names(data: Any) -> list[tuple[str, str | None, int | None]]:
+    """(id, root, max_model_len) of every model in a `/v1/models` answer."""
+    body = require_dict(data, "/v1/models answer")
+    items = body.get("data")
+    if not isinstance(items, list):
+        raise ProtocolError("/v1/models answer has no 'data' list")
+    out: list[tuple[str, str | None, int | None]] = []
+    for item in items:
+        entry = require_dict(item, "/v1/models entry")
+        ident = entry.get("id")
+        if not isinstance(ident, str):
+            raise ProtocolError(f"/v1/models entry without a string id: {entry!r:.200}")
+        root = entry.get("root")
+        mml = entry.get("max_model_len")
+        out.append(
+            (
+                ident,
+                root if isinstance(root, str) else None,
+                mml if isinstance(mml, int) and not isinstance(mml, bool) and mml > 0 else None,
+            )
+        )
+    return out
+
+
+async def check_model_served(
+    pool: EndpointPool, model: str, *, backend: str = "vLLM"
+) -> int | None:
+    """Raise ModelNotServedError unless every replica serves `model`; its max_model_len."""
+    max_len: int | None = None
+    for url in pool.urls:
+        if not pool.endpoint(url).healthy(time.monotonic()):
+            continue
+        reply = await pool.get_json("/v1/models", endpoint=url)
+        models = served_model_names(reply.value)
+        match = [m for m in models if m[0] == model]
+        if not match:
+            names = ", ".join(repr(m[0]) for m in models) or "(none)"
+            roots = [m[1] for m in models if m[1] and m[1] != m[0]]
+            hint = f" (model paths: {', '.join(map(repr, roots))})" if roots else ""
+            raise ModelNotServedError(
+                f"{backend} server {url} does not serve model {model!r}; it serves: {names}{hint}."
+                " Pass one of these names (vLLM's --served-model-name)."
+            )
+        mml = match[0][2]
+        if mml is not None:
+            max_len = mml if max_len is None else min(max_len, mml)
+    return max_len
+
+
+def _completion_schema_has(openapi: Any, field: str) -> bool | None:
+    """Whether the completion request schema in /openapi.json has `field` (None: no schema)."""
+    if not isinstance(openapi, dict):
+        return None
+    schemas = openapi.get("components", {}).get("schemas", {})
+    if not isinstance(schemas, dict):
+        return None
+    found = False
+    for schema in schemas.values():
+        props = schema.get("properties") if isinstance(schema, dict) else None
+        if isinstance(props, dict) and "prompt" in props and "max_tokens" in props:
+            found = True
+            if field in props:
+                return True
+    return False if found else None
+
+
+class VLLMGenerator:
+    """`Generator` over vLLM's OpenAI-compatible server (one or more replicas)."""
+
+    def __init__(
+        self,
+        urls: str | Iterable[str],
+        model: str,
+        *,
+        settings: HttpSettings | None = None,
+        max_model_len: int | None = None,
+        startup_timeout: float = 600.0,
+        token_ids_mode: TokenIdsMode = "auto",
+    ) -> None:
+        self.model = model
+        self.pool = EndpointPool(urls, settings, name=f"vllm generator {model!r}")
+        self.settings = self.pool.settings
+        self.max_model_len = max_model_len
+        self._user_max_model_len = max_model_len
+        self.startup_timeout = startup_timeout
+        self.token_ids_mode: TokenIdsMode = token_ids_mode
+        self.started = False
+
+    @property
+    def urls(self) -> list[str]:
+        return self.pool.urls
+
+    # -- startup -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.pool.wait_healthy("/health", timeout=self.startup_timeout)
+        server_len = await check_model_served(self.pool, self.model)
+        if self._user_max_model_len is None:
+            self.max_model_len = server_len
+        elif server_len is not None and self._user_max_model_len > server_len:
+            log.warning(
+                "max_model_len=%d is larger than the server's %d; using the server's",
+                self._user_max_model_len,
+                server_len,
+            )
+            self.max_model_len = server_len
+        if self.token_ids_mode == "auto":
+            self.token_ids_mode = await self._detect_token_ids_mode()
+        log.info(
+            "vLLM generator %s at %s: max_model_len=%s, token ids via %s",
+            self.model,
+            ", ".join(self.urls),
+            self.max_model_len,
+            self.token_ids_mode,
+        )
+        self.started = True
+
+    async def _detect_token_ids_mode(self) -> TokenIdsMode:
+        schema = await self.pool.try_get_json("/openapi.json")
+        has = _completion_schema_has(schema, "return_token_ids")
+        if has is True:
+            return "token_ids"
+        # No schema, or a schema without the field: a one-token probe decides (and checks that
+        # the fallback really returns "token_id:N" strings).
+        probe_ids = await self.tokenize_text("Hello")
+        body = self._body(
+            probe_ids or [0],
+            max_tokens=1,
+            seed=0,
+            params=SamplingParams(temperature=1.0),
+            logprobs=True,
+            mode="token_ids",
+        )
+        body["return_tokens_as_token_ids"] = True
+        reply = await self.pool.request("POST", "/v1/completions", body, parse=_as_dict)
+        choice = _first_choice(reply.value)
+        if isinstance(choice.get("token_ids"), list):
+            return "token_ids"
+        lp = choice.get("logprobs")
+        parse_token_id_strings(lp.get("tokens") if isinstance(lp, dict) else None)
+        log.warning(
+            "vLLM at %s does not return `token_ids` (older than 0.10.2?): reading ids from"
+            " logprobs with return_tokens_as_token_ids",
+            reply.url,
+        )
+        return "logprobs"
+
+    # -- tokenization --------------------------------------------------------------------
+
+    async def chat_prompt(self, messages: Conversation) -> list[int]:
+        body = {
+            "model": self.model,
+            "messages": list(messages),
+            "add_generation_prompt": True,
+            "add_special_tokens": False,
+        }
+        reply = await self.pool.request("POST", "/tokenize", body, parse=parse_tokenize)
+        ids, mml = reply.value
+        if self.max_model_len is None and mml is not None:
+            self.max_model_len = mml
+        return ids
+
+    async def tokenize_text(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        body = {"model": self.model, "prompt": text, "add_special_tokens": add_special_tokens}
+        reply = await self.pool.request("POST", "/tokenize", body, parse=parse_tokenize)
+        return reply.value[0]
+
+    async def detokenize(self, token_ids: Sequence[int]) -> str:
+        body = {"model": self.model, "tokens": [int(t) for t in token_ids]}
+        reply = await self.pool.request("POST", "/detokenize", body, parse=_parse_detokenize)
+        return reply.value
+
+    # -- generation ----------------------------------------------------------------------
+
+    def _body(
+        self,
+        prompt_ids: list[int],
+        *,
+        max_tokens: int,
+        seed: int,
+        params: SamplingParams,
+        logprobs: bool,
+        mode: TokenIdsMode,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "prompt": prompt_ids,
+            "max_tokens": max_tokens,
+            "n": 1,
+            "temperature": float(params.temperature),
+            "top_p": 1.0,
+            "top_k": -1,
+            "min_p": 0.0,
+            "repetition_penalty": 1.0,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
+            "min_tokens": 0,
+            "ignore_eos": False,
+            "seed": vllm_seed(seed),
+            "stream": False,
+            "skip_special_tokens": False,  # text is display-only; keep it faithful to the ids
+        }
+        if params.stop_token_ids:
+            body["stop_token_ids"] = [int(t) for t in params.stop_token_ids]
+        if mode != "logprobs":
+            body["return_token_ids"] = True
+        if logprobs or mode == "logprobs":
+            body["logprobs"] = 0
+        if mode == "logprobs":
+            body["return_tokens_as_token_ids"] = True
+        return body
+
+    async def generate(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        max_tokens: int,
+        seed: int,
+        params: SamplingParams,
+        logprobs: bool = False,
+        affinity: str | None = None,
+    ) -> Continuation:
+        ids = check_ids(prompt_ids, max_tokens)
+        check_context(self.pool.name, len(ids), max_tokens, self.max_model_len)
+        mode = self.token_ids_mode
+        for _ in range(2):
+            body = self._body(
+                ids, max_tokens=max_tokens, seed=seed, params=params, logprobs=logprobs, mode=mode
+            )
+            reply = await self.pool.request(
+                "POST",
+                "/v1/completions",
+                body,
+                parse=functools.partial(_parse_completion, mode=mode, want_logprobs=logprobs),
+                affinity=affinity,
+                timeout=self.settings.timeout(max_tokens),
+            )
+            parsed = reply.value
+            if parsed is None:  # "auto" mode and the server sent no token_ids: fall back once
+                log.warning("vLLM at %s sent no token_ids; switching to logprobs ids", reply.url)
+                mode = self.token_ids_mode = "logprobs"
+                continue
+            out, finish, lps = parsed
+            out, lps, cut = truncate_to_budget(out, lps, max_tokens)
+            return Continuation(
+                token_ids=tuple(out),
+                finish=Finish.LENGTH if cut else finish,
+                logprobs=tuple(lps) if lps is not None else None,
+                endpoint=reply.url,
+                latency_s=reply.latency_s,
+            )
+        raise ProtocolError(f"{self.pool.name}: the server returns no generated token ids")
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+
+def _as_dict(data: Any) -> dict[str, Any]:
+    return require_dict(data, "answer")
+
+
+def _first_choice(data: Any) -> dict[str, Any]:
+    body = require_dict(data, "completion answer")
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise ProtocolError(f"completion answer has no choices: {body!r:.300}")
+    return require_dict(choices[0], "choices[0]")
+
+
+def _parse_completion(
+    data: Any, mode: TokenIdsMode, want_logprobs: bool
+) -> tuple[list[int], Finish, list[float] | None] | None:
+    choice = _first_choice(data)
+    reason = choice.get("finish_reason")
+    stop_reason = choice.get("stop_reason")
+    if reason == "stop":
+        finish = Finish.STOP
+    elif reason == "length":
+        finish = Finish.LENGTH
+    else:  # abort / error / None: the request did not complete
+        raise ProtocolError(f"finish_reason {reason!r} (stop_reason {stop_reason!r})")
+    lp = choice.get("logprobs")
+    if mode == "logprobs":
+        if not isinstance(lp, dict):
+            raise ProtocolError("choices[0].logprobs is missing (needed for token ids)")
+        ids = parse_token_id_strings(lp.get("tokens"))
+    else:
+        raw = choice.get("token_ids")
+        if raw is None:
+            if mode == "auto":
+                return None
+            raise ProtocolError("choices[0].token_ids is missing (was return_token_ids ignored?)")
+        ids = as_int_list(raw, "choices[0].token_ids")
+    lps: list[float] | None = None
+    if want_logprobs:
+        if not isinstance(lp, dict):
+            raise ProtocolError("choices[0].logprobs is missing")
+        raw_lps = lp.get("token_logprobs")
+        if not isinstance(raw_lps, list):
+            raise ProtocolError("choices[0].logprobs.token_logprobs is not a list")
+        lps = [as_float(x, "token_logprobs entry") for x in raw_lps]
+        if len(lps) != len(ids):
+            raise ProtocolError(f"{len(lps)} token_logprobs for {len(ids)} token ids")
+    if finish is Finish.STOP:
+        if isinstance(stop_reason, int) and not isinstance(stop_reason, bool):
+            if not ids or ids[-1] != stop_reason:
+                if lps is not None:
+                    raise ProtocolError("the stop token is missing from token_ids and logprobs")
+                ids.append(stop_reason)
+        elif isinstance(stop_reason, str):
+            raise ProtocolError(f"stopped on a stop string {stop_reason!r}; none was requested")
+        if not ids:
+            raise ProtocolError("finish_reason 'stop' with no generated token")
+    return ids, finish, lps
+
+
+def parse_tokenize(data: Any) -> tuple[list[int], int | None]:
+    body = require_dict(data, "/tokenize answer")
+    ids = as_int_list(body.get("tokens"), "/tokenize tokens")
+    mml = body.get("max_model_len")
+    return ids, (mml if isinstance(mml, int) and not isinstance(mml, bool) and mml > 0 else None)
+
+
+def _parse_detokenize(data: Any) -> str:
+    body = require_dict(data, "/detokenize answer")
+    text = body.get("prompt")
+    if not isinstance(text, str):
+        raise ProtocolError(f"/detokenize answer has no 'prompt' string: {body!r:.200}")
+    return text
+
+
+def _parse_scores(data: Any, n: int, field: Literal["probs", "data"]) -> list[float]:
+    body = require_dict(data, "scores answer")
+    items = body.get("data")
+    if not isinstance(items, list) or len(items) != n:
+        got = len(items) if isinstance(items, list) else items
+        raise ProtocolError(f"expected {n} results in 'data', got {got!r:.100}")
+    by_index: dict[int, float] = {}
+    for pos, item in enumerate(items):
+        entry = require_dict(item, "data entry")
+        idx = entry.get("index", pos)
+        if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < n or idx in by_index:
+            raise ProtocolError(f"bad or repeated result index {idx!r}")
+        by_index[idx] = first_number(entry.get(field), f"data[{idx}].{field}")
+    return [by_index[i] for i in range(n)]
+
+
+ActivationMode = Literal["auto", "raw", "sigmoid"]
+
+
+class VLLMReward:
+    """`RewardModel` over a vLLM pooling server (`--runner pooling`, a 1-label classifier)."""
+
+    def __init__(
+        self,
+        urls: str | Iterable[str],
+        model: str,
+        *,
+        settings: HttpSettings | None = None,
+        batch_size: int = 32,
+        endpoint: Literal["classify", "pooling"] = "classify",
+        activation: ActivationMode = "auto",
+        startup_timeout: float = 600.0,
+        tokenize_concurrency: int = 64,
+        pooling_task: str | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if endpoint not in ("classify", "pooling"):
+            raise ValueError(f"endpoint must be 'classify' or 'pooling', not {endpoint!r}")
+        self.model = model
+        self.pool = EndpointPool(urls, settings, name=f"vllm reward {model!r}")
+        self.settings = self.pool.settings
+        self.batch_size = batch_size
+        self.endpoint = endpoint
+        self.activation: ActivationMode = activation
+        self.startup_timeout = startup_timeout
+        self.pooling_task = pooling_task
+        self.max_model_len: int | None = None
+        self._tokenize_limit = asyncio.Semaphore(max(1, tokenize_concurrency))
+        self.started = False
+
+    @property
+    def urls(self) -> list[str]:
+        return self.pool.urls
+
+    async def start(self) -> None:
+        await self.pool.wait_healthy("/health", timeout=self.startup_timeout)
+        self.max_model_len = await check_model_served(self.pool, self.model)
+        if self.activation == "auto":
+            self.activation = await self._detect_activation()
+        self.started = True
+
+    async def _detect_activation(self) -> ActivationMode:
+        """Score one conversation with use_activation false and true: equal values in [0, 1]
+        mean the server ignores the flag and always applies sigmoid."""
+        ids = await self.conversation_ids(PROBE_CONVERSATION)
+        raw = (await self._score_batch([ids], use_activation=False))[0]
+        act = (await self._score_batch([ids], use_activation=True))[0]
+        if math.isclose(raw, act, rel_tol=1e-6, abs_tol=1e-9) and 0.0 <= raw <= 1.0:
+            log.warning(
+                "reward server %s ignores use_activation (probe: %r with and without): it"
+                " returns sigmoid probabilities; converting with logit(p). Rewards near 0/1"
+                " lose precision; prefer a vLLM >= 0.11.1 or --pooler-config"
+                " '{\"use_activation\": false}'.",
+                ", ".join(self.urls),
+                raw,
+            )
+            return "sigmoid"
+        return "raw"
+
+    async def conversation_ids(self, conversation: Conversation) -> list[int]:
+        """Token ids of a whole conversation in the reward model's own chat template."""
+        body = {
+            "model": self.model,
+            "messages": list(conversation),
+            "add_generation_prompt": False,
+            "add_special_tokens": False,
+        }
+        async with self._tokenize_limit:
+            reply = await self.pool.request("POST", "/tokenize", body, parse=parse_tokenize)
+        ids, mml = reply.value
+        if self.max_model_len is None and mml is not None:
+            self.max_model_len = mml
+        return ids
+
+    async def _score_batch(self, batch: list[list[int]], *, use_activation: bool) -> list[float]:
+        field: Literal["probs", "data"]
+        body: dict[str, Any] = {
+            "model": self.model,
+            "input": batch,
+            "use_activation": use_activation,
+        }
+        if self.endpoint == "classify":
+            path, field = "/classify", "probs"
+        else:
+            path, field = "/pooling", "data"
+            body["encoding_format"] = "float"
+            if self.pooling_task:
+                body["task"] = self.pooling_task
+        n = len(batch)
+        reply = await self.pool.request(
+            "POST", path, body, parse=lambda data: _parse_scores(data, n, field)
+        )
+        return reply.value
+
+    async def score(self, conversations: Sequence[Conversation]) -> list[float]:
+        if not conversations:
+            return []
+        ids = await asyncio.gather(*(self.conversation_ids(c) for c in conversations))
+        if self.max_model_len is not None:
+            for i, seq in enumerate(ids):
+                if len(seq) > self.max_model_len:
+                    raise ClientError(
+                        f"{self.pool.name}: conversation {i} has {len(seq)} tokens, more than the"
+                        f" reward server's max_model_len {self.max_model_len}"
+                    )
+        batches = [list(ids[i : i + self.batch_size]) for i in range(0, len(ids), self.batch_size)]
+        results = await asyncio.gather(
+            *(self._score_batch(b, use_activation=False) for b in batches)
+        )
+        scores = [s for part in results for s in part]
+        if self.activation == "sigmoid":
+            scores = [logit(p) for p in scores]
+        return scores
+
+    async def close(self) -> None:
+        await self.pool.close()

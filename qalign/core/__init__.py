@@ -1,0 +1,46 @@
+"""Pure sampling logic: states, cut distributions, the MH kernel, randomness, voting. No IO."""
+
+from qalign.core.index import Block, IndexDistribution, Uniform, Zero, index_distribution
+from qalign.core.kernel import (
+    Decision,
+    KernelConfig,
+    Method,
+    RejectReason,
+    StepPlan,
+    check_continuation,
+    decide,
+    log_acceptance,
+    make_proposal,
+    plan_initial,
+    plan_step,
+)
+from qalign.core.rng import Purpose, generator_seed, uniform
+from qalign.core.state import Finish, State
+from qalign.core.voting import best_of_n, majority_vote, weighted_vote
+
+__all__ = [
+    "Block",
+    "Decision",
+    "Finish",
+    "IndexDistribution",
+    "KernelConfig",
+    "Method",
+    "Purpose",
+    "RejectReason",
+    "State",
+    "StepPlan",
+    "Uniform",
+    "Zero",
+    "best_of_n",
+    "check_continuation",
+    "decide",
+    "generator_seed",
+    "index_distribution",
+    "log_acceptance",
+    "majority_vote",
+    "make_proposal",
+    "plan_initial",
+    "plan_step",
+    "uniform",
+    "weighted_vote",
+]

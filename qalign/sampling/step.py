@@ -1,0 +1,166 @@
+"""The step function: every entry point (seed API, `qalign run`, Celery workers) calls this.
+
+A step is deterministic given (run seed, chain key, step) and the servers' seeded sampling, so
+running it again after a crash proposes the same cut, asks for the same sample and makes the same
+decision. Persisting the result idempotently is the caller's job.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+
+from qalign.clients.base import Conversation, Generator, RewardModel, SamplingParams
+from qalign.core import (
+    Decision,
+    Finish,
+    KernelConfig,
+    State,
+    StepPlan,
+    check_continuation,
+    decide,
+    make_proposal,
+    plan_initial,
+    plan_step,
+)
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    """What a chain needs to take a step: its prompt, its kernel and its random coordinates."""
+
+    key: str
+    seed: int
+    prompt_ids: tuple[int, ...]
+    messages: Conversation
+    kernel: KernelConfig
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """Everything one step did: the proposal, the decision and the chain's state afterwards.
+
+    Step 0 is the initial (ancestral) sample; it is always "accepted" with alpha = 1.
+    """
+
+    step: int
+    cut: int
+    gen_seed: int
+    new_tokens: tuple[int, ...]
+    finish: Finish
+    proposal: State | None
+    proposal_text: str
+    decision: Decision
+    state: State
+    state_text: str
+    endpoint: str
+    gen_latency_s: float
+    reward_latency_s: float
+
+    @property
+    def accepted(self) -> bool:
+        return self.decision.accepted
+
+    @property
+    def reward(self) -> float:
+        return self.proposal.reward if self.proposal is not None else math.nan
+
+
+def reward_conversation(messages: Conversation, text: str) -> Conversation:
+    """The conversation the reward model scores: the prompt messages plus the assistant reply."""
+    return [*messages, {"role": "assistant", "content": text}]
+
+
+async def _sample(
+    spec: ChainSpec, gen: Generator, plan: StepPlan
+) -> tuple[tuple[int, ...], Finish, tuple[float, ...] | None, str, float]:
+    cont = await gen.generate(
+        spec.prompt_ids + plan.prefix,
+        max_tokens=plan.max_tokens,
+        seed=plan.gen_seed,
+        params=spec.sampling,
+        logprobs=spec.kernel.needs_logprobs,
+        affinity=spec.key,
+    )
+    return cont.token_ids, cont.finish, cont.logprobs, cont.endpoint, cont.latency_s
+
+
+async def _score(
+    spec: ChainSpec, gen: Generator, rm: RewardModel, candidate: State
+) -> tuple[float, str, float]:
+    text = await gen.detokenize(candidate.text_tokens)
+    t0 = time.perf_counter()
+    (reward,) = await rm.score([reward_conversation(spec.messages, text)])
+    return float(reward), text, time.perf_counter() - t0
+
+
+async def initial_step(spec: ChainSpec, gen: Generator, rm: RewardModel | None) -> StepRecord:
+    """Step 0: draw the chain's first state from the LM and score it (unscored: reward NaN)."""
+    plan = plan_initial(spec.kernel, spec.seed, spec.key)
+    tokens, finish, logprobs, endpoint, gen_latency = await _sample(spec, gen, plan)
+    state = make_proposal(plan, None, tokens, finish, math.nan, logprobs)
+    if rm is None:
+        text, reward, rm_latency = await gen.detokenize(state.text_tokens), math.nan, 0.0
+    else:
+        reward, text, rm_latency = await _score(spec, gen, rm, state)
+        state = make_proposal(plan, None, tokens, finish, reward, logprobs)
+    return StepRecord(
+        step=0,
+        cut=0,
+        gen_seed=plan.gen_seed,
+        new_tokens=tokens,
+        finish=finish,
+        proposal=state,
+        proposal_text=text,
+        decision=Decision(0.0, 1.0, True),
+        state=state,
+        state_text=text,
+        endpoint=endpoint,
+        gen_latency_s=gen_latency,
+        reward_latency_s=rm_latency,
+    )
+
+
+async def mcmc_step(
+    spec: ChainSpec,
+    current: State,
+    current_text: str,
+    step: int,
+    gen: Generator,
+    rm: RewardModel,
+) -> StepRecord:
+    """Propose from `current` at step `step` (>= 1), score, and accept or reject."""
+    plan = plan_step(spec.kernel, current, spec.seed, spec.key, step)
+    tokens, finish, logprobs, endpoint, gen_latency = await _sample(spec, gen, plan)
+    unusable = check_continuation(spec.kernel, plan, tokens, finish, logprobs)
+    proposal: State | None = None
+    text = ""
+    rm_latency = 0.0
+    if unusable is None:
+        unscored = make_proposal(plan, current, tokens, finish, math.nan, logprobs)
+        reward, text, rm_latency = await _score(spec, gen, rm, unscored)
+        proposal = make_proposal(plan, current, tokens, finish, reward, logprobs)
+    decision = decide(spec.kernel, plan, current, proposal, unusable)
+    accepted = decision.accepted and proposal is not None
+    return StepRecord(
+        step=step,
+        cut=plan.cut,
+        gen_seed=plan.gen_seed,
+        new_tokens=tokens,
+        finish=finish,
+        proposal=proposal,
+        proposal_text=text,
+        decision=decision,
+        state=proposal if accepted and proposal is not None else current,
+        state_text=text if accepted else current_text,
+        endpoint=endpoint,
+        gen_latency_s=gen_latency,
+        reward_latency_s=rm_latency,
+    )
+
+
+def ancestral_spec(spec: ChainSpec, k: int) -> ChainSpec:
+    """The spec of the k-th independent sample for a prompt: its own random stream."""
+    return replace(spec, key=f"{spec.key}/ancestral/{k}")

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up everything the test suite needs and run it: the project venv (.venv), the real vLLM and
+# llama.cpp servers (installed once into a cache outside the clone), lint, types, then pytest.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k exactness`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+bash scripts/real-servers/setup.sh all
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy
+export QALIGN_REQUIRE_REAL_SERVERS="${QALIGN_REQUIRE_REAL_SERVERS:-1}"
+exec .venv/bin/pytest "$@"

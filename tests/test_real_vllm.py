@@ -1,0 +1,148 @@
+"""End to end against REAL vLLM (CPU build) serving SmolLM2 as generator and reward model.
+
+The generator is served under the seed's model names, so the seed Quick Start runs verbatim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import urllib.request
+
+import pytest
+
+from qalign.clients import SamplingParams, VLLMGenerator, VLLMReward, close_sessions
+from qalign.core import Finish
+from tests.realservers import GEN_MODEL, RM_MODEL, require_or_skip, vllm_servers
+from tests.test_quickstart import check_quickstart_shape, run_quickstart
+
+pytestmark = pytest.mark.real_vllm
+EOS = 2  # <|im_end|> in SmolLM2
+QUESTION = [{"role": "user", "content": "What is 2+2? Answer briefly."}]
+
+
+@pytest.fixture(scope="module")
+def servers():
+    require_or_skip("vllm")
+    with vllm_servers(gen_port=8000, rm_port=8001) as urls:
+        yield urls
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        return json.loads(resp.read())
+
+
+def _run(coro):
+    async def wrapped():
+        try:
+            return await coro
+        finally:
+            await close_sessions()
+
+    return asyncio.run(wrapped())
+
+
+def test_quickstart_verbatim_returns_real_text_ids_and_raw_rewards(servers):
+    result = run_quickstart()
+    check_quickstart_shape(result)
+    path = result["state_path"][0]
+    assert any(rec["text"].strip() for rec in path)
+    assert all(all(0 <= t < 49152 for t in rec["completion"]) for rec in path)
+    # rewards are raw logits: sigmoid(reward) is what vLLM reports with its activation on
+    first = path[0]
+    messages = [
+        {"role": "user", "content": result["texts"][0]["input"][0]["content"]},
+        {"role": "assistant", "content": first["text"]},
+    ]
+    ids = _post(
+        f"{servers.rm}/tokenize",
+        {"model": RM_MODEL, "messages": messages, "add_generation_prompt": False},
+    )["tokens"]
+    prob = _post(f"{servers.rm}/classify", {"model": RM_MODEL, "input": [ids]})["data"][0]["probs"][
+        0
+    ]
+    assert 1 / (1 + math.exp(-first["reward"])) == pytest.approx(prob, rel=1e-4, abs=1e-6)
+    assert not all(0.0 <= rec["reward"] <= 1.0 for rec in path)
+
+
+def test_ancestral_sampling_gives_scored_independent_samples(servers):
+    from qalign.base import QAlign
+    from qalign.model import RemoteVLLM
+    from qalign.reward import RemoteReward
+
+    model = RemoteVLLM(servers.gen, GEN_MODEL, max_new_tokens=24, max_prompt_length=200)
+    reward = RemoteReward(servers.rm, RM_MODEL, server_format="vllm")
+    chain = QAlign(model, reward, beta=1.0, seed=5)
+    (samples,) = chain.ancestral([QUESTION], n=4)
+    assert len(samples) == 4
+    assert all(s["text"] and math.isfinite(s["reward"]) for s in samples)
+    assert len({tuple(s["completion"]) for s in samples}) > 1
+    assert all(len(s["completion"]) <= 24 for s in samples)
+    texts = model.ancestral([QUESTION], n=2)
+    assert len(texts) == 1 and len(texts[0]) == 2
+
+
+def test_continuation_from_an_exact_token_prefix(servers):
+    async def go():
+        gen = VLLMGenerator(servers.gen, "smollm2")
+        await gen.start()
+        assert gen.max_model_len == 2048
+        prompt = await gen.chat_prompt(QUESTION)
+        greedy = SamplingParams(temperature=0.0)
+        full = await gen.generate(prompt, max_tokens=16, seed=1, params=greedy)
+        cut = len(full.token_ids) // 2
+        rest = await gen.generate(
+            prompt + list(full.token_ids[:cut]), max_tokens=16 - cut, seed=1, params=greedy
+        )
+        sampled = await gen.generate(prompt, max_tokens=16, seed=7, params=SamplingParams())
+        again = await gen.generate(prompt, max_tokens=16, seed=7, params=SamplingParams())
+        text = await gen.detokenize(full.token_ids)
+        await gen.close()
+        return full, cut, rest, sampled, again, text
+
+    full, cut, rest, sampled, again, text = _run(go())
+    assert full.token_ids[cut:] == rest.token_ids  # same ids, no re-tokenisation at the cut
+    assert sampled == again or sampled.token_ids == again.token_ids  # seeded sampling replays
+    assert text.strip()
+    if full.finish is Finish.STOP:
+        assert full.token_ids[-1] == EOS
+
+
+def test_legacy_token_id_path_gives_the_same_ids(servers):
+    async def go():
+        new = VLLMGenerator(servers.gen, "smollm2", token_ids_mode="token_ids")
+        old = VLLMGenerator(servers.gen, "smollm2", token_ids_mode="logprobs")
+        await new.start()
+        await old.start()
+        prompt = await new.chat_prompt(QUESTION)
+        a = await new.generate(prompt, max_tokens=12, seed=3, params=SamplingParams())
+        b = await old.generate(prompt, max_tokens=12, seed=3, params=SamplingParams())
+        return a, b
+
+    a, b = _run(go())
+    assert a.token_ids == b.token_ids and a.finish == b.finish
+
+
+def test_reward_client_returns_raw_logits_in_batches(servers):
+    async def go():
+        rm = VLLMReward(servers.rm, RM_MODEL)
+        await rm.start()
+        convs = [
+            [*QUESTION, {"role": "assistant", "content": "Sure, happy to help. The answer is 4."}],
+            [*QUESTION, {"role": "assistant", "content": "Figure it out yourself."}],
+        ]
+        return convs, await rm.score(convs)
+
+    convs, scores = _run(go())
+    for conv, score in zip(convs, scores, strict=True):
+        raw = _post(
+            f"{servers.rm}/classify",
+            {"model": RM_MODEL, "messages": conv, "use_activation": False},
+        )["data"][0]["probs"][0]
+        assert score == pytest.approx(raw, rel=1e-5)
+    assert any(abs(s) > 1.0 for s in scores)  # a probability would lie in [0, 1]
