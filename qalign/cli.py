@@ -10,19 +10,47 @@ import click
 from qalign import __version__
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Turns the errors a user can act on into one clean message (no traceback)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        from qalign.clients.errors import ClientError
+        from qalign.config import ConfigError
+        from qalign.storage import repo
+        from qalign.storage.errors import StorageError
+
+        try:
+            return super().invoke(ctx)
+        except (
+            ConfigError,
+            ClientError,
+            StorageError,
+            repo.SweepExistsError,
+            repo.SweepNotFoundError,
+        ) as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="qalign")
 def main() -> None:
     """Exact QAlign / QUEST test-time alignment against served language models."""
 
 
-def _register_toy_server() -> None:
+def _register_commands() -> None:
+    from qalign.cli_db import db_group
+    from qalign.cli_sweep import export_command, run_command, sweep_group, worker_command
     from qalign.toy.cli import toy_server_command
 
     main.add_command(toy_server_command, name="toy-server")
+    main.add_command(db_group, name="db")
+    main.add_command(sweep_group, name="sweep")
+    main.add_command(run_command, name="run")
+    main.add_command(worker_command, name="worker")
+    main.add_command(export_command, name="export")
 
 
-_register_toy_server()
+_register_commands()
 
 
 @main.command()
@@ -88,3 +116,7 @@ def demo(chains: int, steps: int, beta: float, seed: int, json_out: bool) -> Non
         f"{tv:.3f} (sampling noise alone allows up to ~{noise:.3f} with {chains} chains, "
         f"plus what {steps} steps have not yet mixed)"
     )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""qalign's Alembic migration scripts (see qalign.storage.migrate; no alembic.ini needed)."""

@@ -1,0 +1,1 @@
+"""Alembic revisions of the qalign schema, oldest first."""

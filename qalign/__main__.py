@@ -1,0 +1,5 @@
+"""`python -m qalign` runs the command line."""
+
+from qalign.cli import main
+
+main()

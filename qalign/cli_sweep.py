@@ -1,0 +1,424 @@
+"""`qalign run`, `qalign sweep ...`, `qalign worker`: creating, executing and inspecting sweeps."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import sys
+import time
+from typing import Any
+
+import click
+
+DB_HELP = "Database URL (default: $QALIGN_DATABASE_URL, else sqlite:///qalign.sqlite)."
+BROKER_HELP = "Celery broker URL (default: $QALIGN_BROKER_URL, else redis://127.0.0.1:6379/0)."
+
+
+def _fail(message: str) -> None:
+    raise click.ClickException(message)
+
+
+def _sessions(database: str | None, *, upgrade: bool) -> Any:
+    from qalign.storage.engine import database_url, make_engine, make_sessionmaker
+    from qalign.storage.migrate import check_schema, ensure_schema
+
+    url = database_url(database)
+    if upgrade:
+        ensure_schema(url)
+    engine = make_engine(url)
+    if not upgrade:
+        check_schema(engine)
+    return make_sessionmaker(engine)
+
+
+def _load(config_path: str) -> Any:
+    from qalign.config import load_config
+
+    return load_config(config_path)
+
+
+def _sweep_id(sessions: Any, ref: str) -> int:
+    from qalign.storage import repo
+
+    return int(repo.find_sweep(sessions, ref).id)
+
+
+def _status_rows(sessions: Any, sweep_id: int) -> list[dict[str, Any]]:
+    from qalign.storage import repo
+
+    now = dt.datetime.now(dt.UTC)
+    rows = []
+    for r in repo.sweep_status(sessions, sweep_id):
+        elapsed = None
+        if r.first_at is not None and r.last_at is not None:
+            first = r.first_at if r.first_at.tzinfo else r.first_at.replace(tzinfo=dt.UTC)
+            last = r.last_at if r.last_at.tzinfo else r.last_at.replace(tzinfo=dt.UTC)
+            elapsed = max((last - first).total_seconds(), 1e-9)
+        throughput = (r.steps_done / elapsed) if elapsed and r.steps_done > 1 else None
+        remaining = r.steps_total - r.steps_done
+        eta = (
+            remaining / throughput
+            if throughput and remaining > 0
+            else (0.0 if not remaining else None)
+        )
+        rows.append(
+            {
+                "run_id": r.run_id,
+                "run": r.name,
+                "method": r.method,
+                "chains_done": r.chains_done,
+                "chains_total": r.chains,
+                "chains_failed": r.chains_failed,
+                "chains_cancelled": r.chains_cancelled,
+                "steps_done": r.steps_done,
+                "steps_total": r.steps_total,
+                "acceptance_rate": r.acceptance_rate,
+                "mean_reward": r.mean_reward,
+                "errors": r.chains_with_errors,
+                "rejected_with_reason": r.rejected_with_reason,
+                "steps_per_s": throughput,
+                "eta_s": eta,
+                "as_of": now.isoformat(),
+            }
+        )
+    return rows
+
+
+def _fmt(x: Any, spec: str = ".3f") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return format(x, spec)
+
+
+def print_status(sessions: Any, sweep_id: int, as_json: bool) -> None:
+    rows = _status_rows(sessions, sweep_id)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(
+        f"{'run':<44} {'chains':>11} {'steps':>13} {'accept':>7} {'reward':>8} "
+        f"{'errors':>6} {'step/s':>7} {'eta':>8}"
+    )
+    for r in rows:
+        eta = "-" if r["eta_s"] is None else str(dt.timedelta(seconds=round(r["eta_s"])))
+        click.echo(
+            f"{r['run'][:44]:<44} {r['chains_done']:>5}/{r['chains_total']:<5} "
+            f"{r['steps_done']:>6}/{r['steps_total']:<6} {_fmt(r['acceptance_rate'], '.2f'):>7} "
+            f"{_fmt(r['mean_reward']):>8} {r['errors'] + r['chains_failed']:>6} "
+            f"{_fmt(r['steps_per_s'], '.1f'):>7} {eta:>8}"
+        )
+
+
+# ---- qalign run ------------------------------------------------------------------------------
+
+
+@click.command("run")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
+@click.option("--database", envvar="QALIGN_DATABASE_URL", help=DB_HELP)
+@click.option("--concurrency", type=click.IntRange(1), help="Steps in flight (default: config).")
+@click.option("--retry-failed", is_flag=True, help="Give failed chains another round of attempts.")
+@click.option("--no-check", is_flag=True, help="Do not contact the servers before writing.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def run_command(
+    config_path: str,
+    database: str | None,
+    concurrency: int | None,
+    retry_failed: bool,
+    no_check: bool,
+    quiet: bool,
+) -> None:
+    """Create the sweep in CONFIG (if new) and run it here, with no broker.
+
+    The database defaults to SQLite (./qalign.sqlite). Running the same command again resumes
+    every chain from its last committed step; interrupting with Ctrl-C loses at most the steps in
+    flight.
+
+    Example: qalign run sweep.yaml --database sqlite:///runs.sqlite
+    """
+    from qalign.sampling.loop import run_sync
+    from qalign.scheduler.local import run_locally
+    from qalign.scheduler.sweeps import create_sweep
+    from qalign.workers.execute import Services
+
+    cfg = _load(config_path)
+    sessions = _sessions(database, upgrade=True)
+    sweep_id, created = create_sweep(sessions, cfg, check=not no_check)
+    click.echo(
+        f"{'created' if created else 'resuming'} sweep {cfg.name!r} (id {sweep_id})", err=True
+    )
+    services = Services(sessions=sessions)
+
+    async def go() -> Any:
+        try:
+            return await run_locally(
+                services,
+                sweep_id,
+                concurrency=concurrency or cfg.execution.concurrency,
+                max_attempts=cfg.execution.max_attempts,
+                retry_failed=retry_failed,
+                progress=not quiet,
+            )
+        finally:
+            await services.close()
+
+    try:
+        report = run_sync(go())
+    except KeyboardInterrupt:
+        click.echo("interrupted: run the same command again to resume", err=True)
+        sys.exit(130)
+    print_status(sessions, sweep_id, as_json=False)
+    if report.failed_chains:
+        _fail(
+            f"{len(report.failed_chains)} chain(s) failed after {cfg.execution.max_attempts} "
+            "attempts; see `qalign sweep status` and rerun with --retry-failed"
+        )
+
+
+# ---- qalign sweep ... ------------------------------------------------------------------------
+
+
+@click.group("sweep")
+def sweep_group() -> None:
+    """Create, run, inspect, resume and cancel sweeps (distributed through Celery)."""
+
+
+@sweep_group.command("create")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
+@click.option("--database", envvar="QALIGN_DATABASE_URL", help=DB_HELP)
+@click.option("--no-check", is_flag=True, help="Do not contact the servers before writing.")
+def sweep_create(config_path: str, database: str | None, no_check: bool) -> None:
+    """Validate CONFIG, check its servers, and write its runs, prompts and chains.
+
+    Creating the same sweep again changes nothing.
+
+    Example: qalign sweep create sweep.yaml --database postgresql://user@db/qalign
+    """
+    from qalign.scheduler.sweeps import create_sweep
+
+    cfg = _load(config_path)
+    sessions = _sessions(database, upgrade=False)
+    sweep_id, created = create_sweep(sessions, cfg, check=not no_check)
+    click.echo(f"{'created' if created else 'exists:'} sweep {cfg.name!r} (id {sweep_id})")
+
+
+@sweep_group.command("list")
+@click.option("--database", envvar="QALIGN_DATABASE_URL", help=DB_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def sweep_list(database: str | None, as_json: bool) -> None:
+    """List the sweeps in the database.
+
+    Example: qalign sweep list --json
+    """
+    from qalign.storage import repo
+
+    rows = [
+        {"id": s.id, "name": s.name, "status": s.status, "created_at": s.created_at.isoformat()}
+        for s in repo.list_sweeps(_sessions(database, upgrade=False))
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['id']:>5}  {r['name']:<40} {r['status']:<10} {r['created_at']}")
+
+
+@sweep_group.command("show")
+@click.argument("sweep")
+@click.option("--database", envvar="QALIGN_DATABASE_URL", help=DB_HELP)
+def sweep_show(sweep: str, database: str | None) -> None:
+    """Print a sweep's config and its runs.
+
+    Example: qalign sweep show my-sweep
+    """
+    import yaml
+
+    from qalign.storage import repo
+
+    s = repo.find_sweep(_sessions(database, upgrade=False), sweep)
+    click.echo(
+        yaml.safe_dump({"id": s.id, "status": s.status, "config": s.config}, sort_keys=False)
+    )
+
+
+@sweep_group.command("run")
+@click.argument("sweep")
+@click.option("--database", envvar="QALIGN_DATABASE_URL", help=DB_HELP)
+@click.option("--broker", envvar="QALIGN_BROKER_URL", help=BROKER_HELP)
+def sweep_run(sweep: str, database: str | None, broker: str | None) -> None:
+    """Enqueue the next step of every unfinished chain for the Celery workers.
+
+    Example: qalign sweep run my-sweep   (then start workers with `qalign worker`)
+    """
+    _enqueue(sweep, database, broker, retry_failed=False)
+
+
+@sweep_group.command("resume")
+@click.argument("sweep")
+@click.option("--database", envvar="QALIGN_DATABASE_URL", help=DB_HELP)
+@click.option("--broker", envvar="QALIGN_BROKER_URL", help=BROKER_HELP)
+@click.option("--retry-failed", is_flag=True, help="Also revive chains that ran out of attempts.")
+def sweep_resume(sweep: str, database: str | None, broker: str | None, retry_failed: bool) -> None:
+    """Re-enqueue every unfinished chain from its last committed step.
+
+    Safe at any time (duplicates are harmless) and works after the broker lost every message.
+
+    Example: qalign sweep resume my-sweep --retry-failed
+    """
+    _enqueue(sweep, database, broker, retry_failed=retry_failed)
+
+
+def _enqueue(sweep: str, database: str | None, broker: str | None, *, retry_failed: bool) -> None:
+    from qalign.scheduler.dispatch import CeleryDispatcher
+    from qalign.scheduler.sweeps import enqueue_unfinished
+    from qalign.workers.app import make_app
+
+    sessions = _sessions(database, upgrade=False)
+    sweep_id = _sweep_id(sessions, sweep)
+    n = enqueue_unfinished(
+        sessions, sweep_id, CeleryDispatcher(make_app(broker)), retry_failed=retry_failed
+    )
+    click.echo(f"enqueued {n} chain step(s) of sweep {sweep!r}")
+
+
+@sweep_group.command("cancel")
+@click.argument("sweep")
+@click.option("--database", envvar="QALIGN_DATABASE_URL", help=DB_HELP)
+def sweep_cancel(sweep: str, database: str | None) -> None:
+    """Stop a sweep: queued steps are skipped by the workers; committed work is kept.
+
+    `qalign sweep resume` starts it again.
+
+    Example: qalign sweep cancel my-sweep
+    """
+    from qalign.storage import repo
+
+    sessions = _sessions(database, upgrade=False)
+    n = repo.cancel_sweep(sessions, _sweep_id(sessions, sweep))
+    click.echo(f"cancelled sweep {sweep!r} ({n} unfinished chain(s))")
+
+
+@sweep_group.command("status")
+@click.argument("sweep")
+@click.option("--database", envvar="QALIGN_DATABASE_URL", help=DB_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def sweep_status(sweep: str, database: str | None, as_json: bool) -> None:
+    """Per run: chains and steps done, acceptance rate, mean reward, errors, throughput, ETA.
+
+    Example: qalign sweep status my-sweep --json
+    """
+    sessions = _sessions(database, upgrade=False)
+    print_status(sessions, _sweep_id(sessions, sweep), as_json)
+
+
+@sweep_group.command("reap")
+@click.option("--database", envvar="QALIGN_DATABASE_URL", help=DB_HELP)
+@click.option("--broker", envvar="QALIGN_BROKER_URL", help=BROKER_HELP)
+@click.option("--stall-timeout", default=600.0, show_default=True, help="Seconds without progress.")
+@click.option("--every", type=float, help="Keep running, reaping every this many seconds.")
+def sweep_reap(
+    database: str | None, broker: str | None, stall_timeout: float, every: float | None
+) -> None:
+    """Re-enqueue chains of active sweeps that made no progress for --stall-timeout seconds.
+
+    Example: qalign sweep reap --stall-timeout 300 --every 60
+    """
+    from qalign.scheduler.dispatch import CeleryDispatcher
+    from qalign.scheduler.sweeps import reap
+
+    sessions = _sessions(database, upgrade=False)
+    dispatcher = CeleryDispatcher(make_app_for(broker))
+    while True:
+        n = reap(sessions, dispatcher, stall_timeout)
+        click.echo(f"{dt.datetime.now(dt.UTC).isoformat()} re-enqueued {n} stalled chain(s)")
+        if every is None:
+            return
+        time.sleep(every)
+
+
+def make_app_for(broker: str | None) -> Any:
+    from qalign.workers.app import make_app
+
+    return make_app(broker)
+
+
+# ---- qalign worker ---------------------------------------------------------------------------
+
+
+@click.command("worker")
+@click.option("--database", envvar="QALIGN_DATABASE_URL", help=DB_HELP)
+@click.option("--broker", envvar="QALIGN_BROKER_URL", help=BROKER_HELP)
+@click.option("--concurrency", default=32, show_default=True, help="Steps in flight per process.")
+@click.option("--name", "node_name", help="Celery node name (default: qalign@<host>-<pid>).")
+@click.option("--max-attempts", default=5, show_default=True, help="Attempts before a chain fails.")
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker_command(
+    database: str | None,
+    broker: str | None,
+    concurrency: int,
+    node_name: str | None,
+    max_attempts: int,
+    loglevel: str,
+) -> None:
+    """Start a Celery worker that executes chain steps (a thread pool: HTTP-bound work).
+
+    Refuses to start unless the database schema is at head (`qalign db upgrade`).
+
+    Example: QALIGN_DATABASE_URL=postgresql://db/qalign qalign worker --concurrency 64
+    """
+    import os
+    import socket
+
+    from qalign.storage.engine import database_url
+
+    url = database_url(database)
+    _sessions(url, upgrade=False)  # raises with instructions when not at head
+    os.environ["QALIGN_DATABASE_URL"] = url
+    os.environ["QALIGN_MAX_ATTEMPTS"] = str(max_attempts)
+    if broker:
+        os.environ["QALIGN_BROKER_URL"] = broker
+    from qalign.workers.app import app
+
+    app.conf.broker_url = broker or os.environ.get("QALIGN_BROKER_URL") or app.conf.broker_url
+    name = node_name or f"qalign@{socket.gethostname()}-{os.getpid()}"
+    os.environ["QALIGN_WORKER_NAME"] = name
+    app.worker_main(
+        [
+            "worker",
+            "--pool=threads",
+            f"--concurrency={concurrency}",
+            f"--hostname={name}",
+            f"--loglevel={loglevel}",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+
+
+# ---- qalign export ---------------------------------------------------------------------------
+
+
+@click.command("export")
+@click.argument("sweep")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl", "parquet", "both"]),
+    default="both",
+    show_default=True,
+)
+@click.option("--database", envvar="QALIGN_DATABASE_URL", help=DB_HELP)
+def export_command(sweep: str, out_dir: str, fmt: str, database: str | None) -> None:
+    """Write a sweep's chains and every proposal to OUT/chains.* and OUT/proposals.*.
+
+    Example: qalign export my-sweep -o exports/my-sweep --format parquet
+    """
+    from pathlib import Path
+
+    from qalign.storage.export import export_sweep
+
+    sessions = _sessions(database, upgrade=False)
+    formats = {"jsonl", "parquet"} if fmt == "both" else {fmt}
+    counts = export_sweep(sessions, _sweep_id(sessions, sweep), Path(out_dir), formats)
+    click.echo(f"wrote {counts['chains']} chains and {counts['proposals']} proposals to {out_dir}")

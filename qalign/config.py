@@ -1,0 +1,217 @@
+"""Sweep configuration (YAML): validated completely before anything is written.
+
+A sweep config names the servers, the dataset and the method, and lists grid axes (beta,
+temperature, steps, generator model); every combination becomes one run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from qalign.core import index_distribution
+
+DEFAULT_STEPS = 10
+
+
+class ConfigError(ValueError):
+    """A sweep config that cannot be used; the message names every bad key and its problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _as_list(value: Any) -> Any:
+    return value if isinstance(value, list) else [value]
+
+
+class GeneratorConfig(_Strict):
+    """The generator server(s)."""
+
+    backend: Literal["vllm", "sglang", "llamacpp"] = "vllm"
+    urls: Annotated[list[str], Field(min_length=1)]
+    model: Annotated[list[str], Field(min_length=1)]
+    timeout: Annotated[float, Field(gt=0)] = 300.0
+    max_retries: Annotated[int, Field(ge=1)] = 8
+    api_key_env: str | None = None
+
+    _urls = field_validator("urls", "model", mode="before")(_as_list)
+
+    @field_validator("urls")
+    @classmethod
+    def _http(cls, urls: list[str]) -> list[str]:
+        for u in urls:
+            if not re.match(r"^https?://[^/\s]+", u):
+                raise ValueError(f"{u!r} is not an http(s) URL")
+        return [u.rstrip("/") for u in urls]
+
+
+class RewardConfig(_Strict):
+    """The reward-model server(s)."""
+
+    format: Literal["vllm", "vllm-pooling", "sglang", "auto"] = "auto"
+    urls: Annotated[list[str], Field(min_length=1)]
+    model: str
+    timeout: Annotated[float, Field(gt=0)] = 300.0
+    max_retries: Annotated[int, Field(ge=1)] = 8
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    api_key_env: str | None = None
+
+    _urls = field_validator("urls", mode="before")(_as_list)
+    _http = field_validator("urls")(GeneratorConfig._http.__func__)  # type: ignore[attr-defined]
+
+
+class DatasetConfig(_Strict):
+    """Where prompts come from: inline `prompts`, a local file, or a hub dataset id."""
+
+    prompts: list[str] | None = None
+    path: str | None = None
+    split: str = "test"
+    limit: Annotated[int, Field(ge=1)] | None = None
+    shuffle_seed: int | None = None
+    prompt_field: str = "question"
+    answer_field: str | None = "answer"
+    system_prompt: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetConfig:
+        if (self.prompts is None) == (self.path is None):
+            raise ValueError("give exactly one of `prompts` (a list of questions) or `path`")
+        if self.prompts is not None and not self.prompts:
+            raise ValueError("`prompts` is empty")
+        return self
+
+
+class ExecutionConfig(_Strict):
+    """How chains are executed."""
+
+    concurrency: Annotated[int, Field(ge=1)] = 64
+    max_attempts: Annotated[int, Field(ge=1)] = 5
+    stall_timeout: Annotated[float, Field(gt=0)] = 600.0
+
+
+class SweepConfig(_Strict):
+    """A whole sweep. Grid axes (`beta`, `temperature`, `steps`, `generator.model`) take a value
+    or a list of values; every combination is one run."""
+
+    name: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+    method: Literal["qalign", "quest", "ancestral"] = "qalign"
+    generator: GeneratorConfig
+    reward: RewardConfig | None = None
+    dataset: DatasetConfig
+    beta: Annotated[
+        list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Field(min_length=1)
+    ] = [1.0]
+    temperature: Annotated[
+        list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Field(min_length=1)
+    ] = [1.0]
+    steps: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | None = None
+    chains_per_prompt: Annotated[int, Field(ge=1)] = 1
+    seed: Annotated[int, Field(ge=0, lt=2**62)] = 0
+    index: str = "uniform"
+    clamp: Annotated[float, Field(gt=0)] = 20.0
+    max_new_tokens: Annotated[int, Field(ge=1)] = 512
+    max_prompt_length: Annotated[int, Field(ge=1)] = 2048
+    execution: ExecutionConfig = ExecutionConfig()
+
+    _grid = field_validator("beta", "temperature", "steps", mode="before")(_as_list)
+
+    @field_validator("index")
+    @classmethod
+    def _index(cls, v: str) -> str:
+        index_distribution(v)
+        return v
+
+    @model_validator(mode="after")
+    def _method_needs(self) -> SweepConfig:
+        if self.method in ("qalign", "quest") and self.reward is None:
+            raise ValueError(f"method {self.method!r} needs a `reward` section")
+        if self.method == "ancestral" and self.steps not in (None, [0]):
+            raise ValueError("ancestral runs take no `steps`; set `chains_per_prompt` to n samples")
+        return self
+
+    def runs(self) -> list[dict[str, Any]]:
+        """The resolved config of every grid point, in a stable order."""
+        betas: list[float | None] = [None] if self.method == "ancestral" else list(self.beta)
+        step_axis = [0] if self.method == "ancestral" else (self.steps or [DEFAULT_STEPS])
+        axes = itertools.product(betas, self.temperature, step_axis, self.generator.model)
+        out = []
+        for i, (beta, temp, steps, model) in enumerate(axes):
+            parts = [f"model={model}", f"T={temp:g}"]
+            if beta is not None:
+                parts.insert(1, f"beta={beta:g}")
+                parts.append(f"steps={steps}")
+            out.append(
+                {
+                    "grid_index": i,
+                    "name": ",".join(parts),
+                    "method": self.method,
+                    "beta": beta,
+                    "temperature": temp,
+                    "steps": steps,
+                    "generator_model": model,
+                    "reward_model": self.reward.model if self.reward else None,
+                    "chains_per_prompt": self.chains_per_prompt,
+                    "seed": self.seed,
+                    "index": self.index,
+                    "clamp": self.clamp,
+                    "max_new_tokens": self.max_new_tokens,
+                    "max_prompt_length": self.max_prompt_length,
+                    "generator": self.generator.model_dump(mode="json") | {"model": model},
+                    "reward": self.reward.model_dump(mode="json") if self.reward else None,
+                }
+            )
+        return out
+
+    def fingerprint(self) -> str:
+        """A hash of everything that defines the sweep's results (not execution settings)."""
+        data = self.model_dump(mode="json", exclude={"execution"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling and the README's config reference)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "config") -> SweepConfig:
+    """Validate a parsed YAML mapping; raise `ConfigError` naming each bad key."""
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{source}: the top level must be a mapping of keys, got {type(data).__name__}"
+        )
+    try:
+        return SweepConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source} is invalid:\n{_describe(err)}") from None
+
+
+def load_config(path: str | os.PathLike[str]) -> SweepConfig:
+    """Read and validate a YAML sweep config."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {p}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p} is not valid YAML: {exc}") from None
+    return parse_config(data, str(p))

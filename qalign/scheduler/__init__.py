@@ -1,0 +1,1 @@
+"""Scheduling sweeps: creation, dispatch of chain steps, resume, reaping, local execution."""

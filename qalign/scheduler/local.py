@@ -1,0 +1,110 @@
+"""The embedded default: execute a stored sweep in this process, no broker.
+
+The same `advance` as the Celery task, with bounded concurrency; each chain advances on its own.
+Interrupting and running again resumes from the last committed step of every chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from tqdm import tqdm
+
+from qalign.storage import repo
+from qalign.storage.models import Chain, ChainStatus, Run
+from qalign.workers.execute import Result, Services, advance
+
+
+@dataclass
+class LocalReport:
+    """What one `run_locally` call did."""
+
+    committed: int = 0
+    duplicates: int = 0
+    failures: int = 0
+    failed_chains: list[int] = field(default_factory=list)
+    results: Counter[str] = field(default_factory=Counter)
+
+
+def _chains_by_run(sessions: repo.Sessions, sweep_id: int) -> dict[int, tuple[str, int, int]]:
+    """run id -> (name, steps total, steps done)."""
+    with sessions() as s:
+        rows = s.execute(
+            select(Run.id, Run.name, Chain.target_steps, Chain.current_step)
+            .join(Chain, Chain.run_id == Run.id)
+            .where(Run.sweep_id == sweep_id)
+        ).all()
+    out: dict[int, tuple[str, int, int]] = {}
+    for run_id, name, target, cur in rows:
+        n, total, done = out.get(run_id, (name, 0, 0))
+        out[run_id] = (n, total + target + 1, done + cur + 1)
+    return out
+
+
+def _run_of(sessions: repo.Sessions, chain_ids: list[int]) -> dict[int, int]:
+    with sessions() as s:
+        rows = s.execute(select(Chain.id, Chain.run_id).where(Chain.id.in_(chain_ids))).all()
+    return {cid: rid for cid, rid in rows}
+
+
+async def run_locally(
+    services: Services,
+    sweep_id: int,
+    *,
+    concurrency: int = 64,
+    max_attempts: int = 5,
+    retry_failed: bool = False,
+    progress: bool = True,
+    backoff: float = 1.0,
+) -> LocalReport:
+    """Advance every unfinished chain of the sweep to its last step."""
+    sessions = services.sessions
+    await services.db(repo.reactivate_sweep, sessions, sweep_id)
+    todo = await services.db(repo.unfinished_chains, sessions, sweep_id, retry_failed)
+    report = LocalReport()
+    bars: dict[int, Any] = {}
+    if progress and todo:
+        runs = await services.db(_chains_by_run, sessions, sweep_id)
+        for pos, (run_id, (name, total, done)) in enumerate(sorted(runs.items())):
+            bars[run_id] = tqdm(
+                total=total, initial=done, desc=name[:60], position=pos, unit="step", leave=True
+            )
+    run_of = await services.db(_run_of, sessions, [cid for cid, _ in todo]) if bars else {}
+    limiter = asyncio.Semaphore(concurrency)
+
+    async def drive(chain_id: int, step: int) -> None:
+        tries = 0
+        next_step: int | None = step
+        while next_step is not None:
+            async with limiter:
+                out = await advance(services, chain_id, next_step, max_attempts=max_attempts)
+            report.results[out.result.value] += 1
+            if out.result is Result.COMMITTED:
+                report.committed += 1
+                tries = 0
+                if chain_id in run_of:
+                    bars[run_of[chain_id]].update(1)
+                next_step = out.next_step
+            elif out.result is Result.FAILED:
+                report.failures += 1
+                if out.chain_status != ChainStatus.PENDING.value:
+                    report.failed_chains.append(chain_id)
+                    return
+                tries += 1
+                await asyncio.sleep(backoff * (2 ** min(tries, 6)) * random.uniform(0.5, 1.0))
+            else:
+                if out.result is Result.DUPLICATE:
+                    report.duplicates += 1
+                return
+
+    try:
+        await asyncio.gather(*(drive(cid, step) for cid, step in todo))
+    finally:
+        for bar in bars.values():
+            bar.close()
+    return report

@@ -1,0 +1,85 @@
+"""Storage errors: each message says what is wrong and what to do about it.
+
+Database URLs in messages are always redacted (no passwords).
+"""
+
+from __future__ import annotations
+
+
+class StorageError(Exception):
+    """Base class of every error raised by `qalign.storage`."""
+
+
+class InvalidDatabaseURLError(StorageError, ValueError):
+    """The database URL cannot be parsed, or names a backend qalign does not support."""
+
+
+class SQLiteDirectoryMissingError(StorageError):
+    """The directory that should hold a SQLite database file does not exist."""
+
+    def __init__(self, message: str, *, directory: str) -> None:
+        super().__init__(message)
+        self.directory = directory
+
+
+class DatabaseConnectionError(StorageError):
+    """The database exists in the URL but a connection cannot be opened.
+
+    `reason` is one of "refused", "timeout", "unknown-host", "auth", "missing-database",
+    "other"; `url` is redacted.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str,
+        host: str | None = None,
+        port: int | None = None,
+        reason: str = "other",
+    ) -> None:
+        super().__init__(message)
+        self.url = url
+        self.host = host
+        self.port = port
+        self.reason = reason
+
+
+class DatabaseUnreachableError(DatabaseConnectionError):
+    """Nothing answers at the database's host and port (refused, timed out, unknown host)."""
+
+
+class MigrationsNotFoundError(StorageError):
+    """The Alembic migration scripts are not where this installation expects them."""
+
+
+class MigrationError(StorageError):
+    """Alembic refused a migration request (e.g. an unknown target revision)."""
+
+
+class SchemaNotAtHeadError(StorageError):
+    """The database schema is not the one this version of qalign was written for.
+
+    `state` is "empty" (no schema yet), "unversioned" (tables but no Alembic revision),
+    "behind" (an older revision) or "ahead" (a revision unknown to this qalign: the database
+    was migrated by a newer qalign). `current` is the database's revision (None when it has
+    none), `head` the newest revision this qalign knows.
+    """
+
+    def __init__(self, message: str, *, state: str, current: str | None, head: str) -> None:
+        super().__init__(message)
+        self.state = state
+        self.current = current
+        self.head = head
+
+
+__all__ = [
+    "DatabaseConnectionError",
+    "DatabaseUnreachableError",
+    "InvalidDatabaseURLError",
+    "MigrationError",
+    "MigrationsNotFoundError",
+    "SQLiteDirectoryMissingError",
+    "SchemaNotAtHeadError",
+    "StorageError",
+]

@@ -1,0 +1,242 @@
+"""Alembic migrations, driven from code (no alembic.ini).
+
+The migration scripts live in the top-level `migrations/` folder of the source tree, which is
+installed next to the `qalign` package (as the `migrations` package) by a regular
+`pip install`; `migrations_dir()` finds them beside `qalign/` in both cases.
+
+`qalign run` calls `ensure_schema` (creates or upgrades the schema; the embedded SQLite default
+just works). Workers and read-only commands call `check_schema` and refuse to start unless the
+database is exactly at this qalign's head revision.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.script.revision import RevisionError
+from alembic.util.exc import CommandError
+from sqlalchemy import Connection, Engine, inspect, text
+
+import qalign
+from qalign.storage.engine import make_engine, open_connection, redact_url
+from qalign.storage.errors import MigrationError, MigrationsNotFoundError, SchemaNotAtHeadError
+from qalign.storage.models import Base
+
+# pg_advisory_lock key serialising concurrent `upgrade`s of one PostgreSQL database.
+_PG_LOCK_KEY = int.from_bytes(hashlib.sha256(b"qalign-migrate").digest()[:8], "big", signed=True)
+
+
+def migrations_dir() -> Path:
+    """The folder holding `env.py` and `versions/` (next to the `qalign` package)."""
+    folder = Path(qalign.__file__).resolve().parent.parent / "migrations"
+    if not (folder / "env.py").is_file() or not (folder / "versions").is_dir():
+        raise MigrationsNotFoundError(
+            f"the qalign migration scripts are missing: expected {folder}/env.py and "
+            f"{folder}/versions/ next to the qalign package at {Path(qalign.__file__).parent}. "
+            "Reinstall qalign (pip install qalign / pip install -e <source checkout>)."
+        )
+    return folder
+
+
+def make_config(url: str | None = None, connection: Connection | None = None) -> Config:
+    """An Alembic `Config` for qalign's migrations. `env.py` uses `connection` if given, else
+    `url`, else `database_url()`. Useful for Alembic commands not wrapped here, e.g.
+    `alembic.command.revision(make_config(url), message="...", autogenerate=True)`.
+    """
+    cfg = Config()
+    # Config values go through configparser interpolation: escape '%'.
+    cfg.set_main_option("script_location", str(migrations_dir()).replace("%", "%%"))
+    cfg.attributes["url"] = url
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+@functools.cache
+def _script(location: Path) -> ScriptDirectory:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(location).replace("%", "%%"))
+    return ScriptDirectory.from_config(cfg)
+
+
+def _script_directory() -> ScriptDirectory:
+    return _script(migrations_dir())
+
+
+def head_revision() -> str:
+    """The newest revision this qalign knows (the schema it was written for)."""
+    head = _script_directory().get_current_head()
+    if head is None:  # pragma: no cover - the package always ships a revision
+        raise MigrationsNotFoundError(f"no migration revisions in {migrations_dir()}/versions")
+    return head
+
+
+def _known(revision: str) -> bool:
+    try:
+        return _script_directory().get_revision(revision) is not None
+    except (CommandError, RevisionError):
+        return False
+
+
+def _current(conn: Connection) -> str | None:
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The database's Alembic revision, or None when it has none (e.g. an empty database)."""
+    with open_connection(engine) as conn:
+        return _current(conn)
+
+
+def _has_qalign_tables(conn: Connection) -> bool:
+    names = set(inspect(conn).get_table_names())
+    return bool(names & set(Base.metadata.tables))
+
+
+def _schema_error(engine: Engine, current: str | None, unversioned: bool) -> SchemaNotAtHeadError:
+    head = head_revision()
+    where = redact_url(engine.url)
+    fix = f"run `qalign db upgrade --database {where}`"
+    state: str
+    if current is None and unversioned:
+        state = "unversioned"
+        message = (
+            f"database {where} has qalign tables but no Alembic revision (current: none, head: "
+            f"{head}); it was not created by `qalign db upgrade`. Move it aside and {fix} on an "
+            "empty database."
+        )
+    elif current is None:
+        state = "empty"
+        message = f"database {where} has no qalign schema (current: none, head: {head}); {fix}."
+    elif _known(current):
+        state = "behind"
+        message = (
+            f"database {where} has an older qalign schema (current: {current}, head: {head}); "
+            f"{fix}."
+        )
+    else:
+        state = "ahead"
+        message = (
+            f"database {where} was migrated by a newer qalign: its revision {current} is unknown "
+            f"to this qalign (current: {current}, head: {head}). Install the newer qalign here; "
+            "`qalign db upgrade` from this version cannot help."
+        )
+    return SchemaNotAtHeadError(message, state=state, current=current, head=head)
+
+
+def check_schema(engine: Engine) -> str:
+    """Return the head revision if the database is exactly at it; otherwise raise
+    `SchemaNotAtHeadError` (empty, behind, ahead, or unversioned), whose message says what to do.
+    """
+    head = head_revision()
+    url = engine.url
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        path = Path(url.database).expanduser()
+        if not url.query.get("uri") and not path.exists():
+            # Connecting would create an empty file as a side effect of a mere check.
+            raise _schema_error(engine, None, unversioned=False)
+    with open_connection(engine) as conn:
+        current = _current(conn)
+        unversioned = current is None and _has_qalign_tables(conn)
+    if current == head:
+        return head
+    raise _schema_error(engine, current, unversioned)
+
+
+@contextmanager
+def _engine_for(url: str | Engine) -> Iterator[Engine]:
+    if isinstance(url, Engine):
+        yield url
+        return
+    engine = make_engine(url, pool_size=1, max_overflow=0)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def _migration_connection(engine: Engine) -> Iterator[Connection]:
+    """A connection not inside a transaction; on PostgreSQL it holds an advisory lock, so two
+    processes upgrading the same database at once run one after the other."""
+    with open_connection(engine) as conn:
+        postgres = conn.dialect.name == "postgresql"
+        if postgres:
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _PG_LOCK_KEY})
+            conn.commit()
+        try:
+            yield conn
+            conn.commit()
+        finally:
+            conn.rollback()
+            if postgres:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _PG_LOCK_KEY})
+                conn.commit()
+
+
+def _run(engine: Engine, action: str, revision: str) -> None:
+    with _migration_connection(engine) as conn:
+        current = _current(conn)
+        conn.commit()
+        if current is not None and not _known(current):
+            raise _schema_error(engine, current, unversioned=False)
+        if current is None and action == "upgrade" and _has_qalign_tables(conn):
+            raise _schema_error(engine, current, unversioned=True)
+        conn.commit()
+        cfg = make_config(connection=conn)
+        try:
+            if action == "upgrade":
+                command.upgrade(cfg, revision)
+            else:
+                command.downgrade(cfg, revision)
+        except (CommandError, RevisionError) as exc:
+            raise MigrationError(
+                f"cannot {action} {redact_url(engine.url)} to {revision!r}: {exc} "
+                f"(this qalign's head revision is {head_revision()})"
+            ) from exc
+
+
+def upgrade(url: str | Engine, revision: str = "head") -> None:
+    """Migrate the database up to `revision` (default: this qalign's head). Refuses a database
+    migrated by a newer qalign (`SchemaNotAtHeadError`, state "ahead")."""
+    with _engine_for(url) as engine:
+        _run(engine, "upgrade", revision)
+
+
+def downgrade(url: str | Engine, revision: str) -> None:
+    """Migrate the database down to `revision` ("base" removes every qalign table)."""
+    with _engine_for(url) as engine:
+        _run(engine, "downgrade", revision)
+
+
+def ensure_schema(url: str | Engine) -> str:
+    """Bring an empty or older database to head (what `qalign run` does) and return the head
+    revision. A database migrated by a newer qalign, or holding tables without a revision,
+    raises `SchemaNotAtHeadError`."""
+    with _engine_for(url) as engine:
+        try:
+            return check_schema(engine)
+        except SchemaNotAtHeadError as exc:
+            if exc.state not in ("empty", "behind"):
+                raise
+        upgrade(engine)
+        return check_schema(engine)
+
+
+__all__ = [
+    "check_schema",
+    "current_revision",
+    "downgrade",
+    "ensure_schema",
+    "head_revision",
+    "make_config",
+    "migrations_dir",
+    "upgrade",
+]

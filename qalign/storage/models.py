@@ -1,0 +1,210 @@
+"""SQLAlchemy 2 models: the database is the source of truth for every sweep.
+
+Naming convention for constraints and indexes is fixed so Alembic migrations and the models
+agree on every name (and analysts can refer to them).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from qalign.storage.types import UTCDateTime
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class SweepStatus(StrEnum):
+    ACTIVE = "active"
+    CANCELLED = "cancelled"
+
+
+class ChainStatus(StrEnum):
+    """Lifecycle of a chain. Only `done`, `failed` and `cancelled` are final."""
+
+    PENDING = "pending"  # created or re-enqueued, waiting for a worker
+    RUNNING = "running"  # a worker has taken its next step
+    DONE = "done"  # current_step == target_steps
+    FAILED = "failed"  # a step failed `max_attempts` times; `resume --retry-failed` revives it
+    CANCELLED = "cancelled"
+
+
+class Sweep(Base):
+    """A named experiment: one validated config, expanded into runs."""
+
+    __tablename__ = "sweeps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    config_hash: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(20), default=SweepStatus.ACTIVE.value)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+
+class Run(Base):
+    """One point of a sweep's grid, with its fully resolved config."""
+
+    __tablename__ = "runs"
+    __table_args__ = (UniqueConstraint("sweep_id", "grid_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sweep_id: Mapped[int] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"), index=True)
+    grid_index: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(500))
+    method: Mapped[str] = mapped_column(String(20))
+    beta: Mapped[float | None] = mapped_column(Float, nullable=True)
+    temperature: Mapped[float] = mapped_column(Float)
+    steps: Mapped[int] = mapped_column(Integer)
+    generator_model: Mapped[str] = mapped_column(String(300))
+    reward_model: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Prompt(Base):
+    """A dataset row of a sweep: the chat messages and the reference answer."""
+
+    __tablename__ = "prompts"
+    __table_args__ = (UniqueConstraint("sweep_id", "prompt_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sweep_id: Mapped[int] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"), index=True)
+    prompt_index: Mapped[int] = mapped_column(Integer)
+    messages: Mapped[list[Any]] = mapped_column(JSON)
+    reference: Mapped[str | None] = mapped_column(Text, nullable=True)
+    row: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class PromptEncoding(Base):
+    """A prompt's chat-templated token ids under one generator model (written once, by step 0)."""
+
+    __tablename__ = "prompt_encodings"
+    __table_args__ = (UniqueConstraint("prompt_id", "model"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"))
+    model: Mapped[str] = mapped_column(String(300))
+    token_ids: Mapped[list[Any]] = mapped_column(JSON)
+    n_tokens: Mapped[int] = mapped_column(Integer)
+
+
+class Chain(Base):
+    """One Markov chain (or, for `ancestral` runs, one independent sample with 0 steps).
+
+    `current_step` is the last committed step (-1 before step 0). The state columns mirror the
+    last accepted proposal; moving a chain is a compare-and-set on `current_step`.
+    """
+
+    __tablename__ = "chains"
+    __table_args__ = (
+        UniqueConstraint("run_id", "prompt_id", "chain_index"),
+        Index("ix_chains_run_id_status", "run_id", "status"),
+        Index("ix_chains_status_updated_at", "status", "updated_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"), index=True)
+    chain_index: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    rng_key: Mapped[str] = mapped_column(String(100))
+    target_steps: Mapped[int] = mapped_column(Integer)
+    current_step: Mapped[int] = mapped_column(Integer, default=-1)
+    status: Mapped[str] = mapped_column(String(20), default=ChainStatus.PENDING.value)
+    state_tokens: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    state_logprobs: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    state_reward: Mapped[float | None] = mapped_column(Float, nullable=True)
+    state_finish: Mapped[str | None] = mapped_column(String(10), nullable=True)
+    state_text: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    enqueued_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+
+class Proposal(Base):
+    """Append-only: the proposal made at (chain, step) and what was decided. Step 0 is the
+    chain's initial sample (always accepted); for ancestral runs it is the sample.
+
+    The full response is `state before the step`[:cut] + `new_tokens`; `response_len` is its
+    length. `reward` is NULL when it was NaN or when the proposal was never scored.
+    """
+
+    __tablename__ = "proposals"
+    __table_args__ = (
+        UniqueConstraint("chain_id", "step"),
+        Index("ix_proposals_run_id_step", "run_id", "step"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    chain_id: Mapped[int] = mapped_column(ForeignKey("chains.id", ondelete="CASCADE"))
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    step: Mapped[int] = mapped_column(Integer)
+    cut: Mapped[int] = mapped_column(Integer)
+    new_tokens: Mapped[list[Any]] = mapped_column(JSON)
+    response_len: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+    reward: Mapped[float | None] = mapped_column(Float, nullable=True)
+    log_a: Mapped[float | None] = mapped_column(Float, nullable=True)
+    alpha: Mapped[float] = mapped_column(Float)
+    accepted: Mapped[bool] = mapped_column(Boolean)
+    finish: Mapped[str] = mapped_column(String(10))
+    reject_reason: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    gen_seed: Mapped[int] = mapped_column(BigInteger)
+    gen_tokens: Mapped[int] = mapped_column(Integer)
+    reward_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    gen_latency_ms: Mapped[float] = mapped_column(Float)
+    reward_latency_ms: Mapped[float] = mapped_column(Float)
+    endpoint: Mapped[str] = mapped_column(String(300))
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+__all__ = [
+    "Base",
+    "Chain",
+    "ChainStatus",
+    "Prompt",
+    "PromptEncoding",
+    "Proposal",
+    "Run",
+    "Sweep",
+    "SweepStatus",
+    "func",
+]

@@ -1,0 +1,544 @@
+"""Data access for sweeps and chains. Every function runs one short transaction.
+
+Never call these with a transaction held across an HTTP request: load, release, talk to the
+servers, then commit in a new transaction (`commit_step` re-checks the chain with a
+compare-and-set on `current_step`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sqlalchemy import and_, case, func, insert, select, update
+from sqlalchemy.engine import CursorResult
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from qalign.core import Finish, State
+from qalign.storage.models import (
+    Chain,
+    ChainStatus,
+    Prompt,
+    PromptEncoding,
+    Proposal,
+    Run,
+    Sweep,
+    SweepStatus,
+    utcnow,
+)
+
+Sessions = sessionmaker[Session]
+FINAL = (ChainStatus.DONE.value, ChainStatus.FAILED.value, ChainStatus.CANCELLED.value)
+
+
+class SweepExistsError(ValueError):
+    """A sweep of that name exists with a different config."""
+
+
+class SweepNotFoundError(LookupError):
+    """No sweep of that name or id."""
+
+
+def _rowcount(s: Session, stmt: Any) -> int:
+    return int(cast(CursorResult[Any], s.execute(stmt)).rowcount)
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return None if x is None or math.isnan(x) else x
+
+
+def _text(t: str) -> str:
+    # PostgreSQL text cannot hold NUL; keep the row (ids stay exact) and mark the character.
+    return t.replace("\x00", "\ufffd")
+
+
+def _json_logprobs(lps: Sequence[float] | None) -> list[float] | None:
+    # JSON has no inf/NaN; a state whose logprobs are not all finite is stored without them
+    # (QUEST then rejects moves from it with `missing_logprobs` rather than storing garbage).
+    if lps is None or not all(math.isfinite(x) for x in lps):
+        return None
+    return list(lps)
+
+
+# ---- creation ------------------------------------------------------------------------------
+
+
+def create_sweep(
+    sessions: Sessions,
+    name: str,
+    config: dict[str, Any],
+    fingerprint: str,
+    runs: Sequence[dict[str, Any]],
+    prompts: Sequence[Any],
+) -> tuple[int, bool]:
+    """Insert a sweep with its runs, prompts and chains; returns (sweep id, created).
+
+    Creating the same sweep again (same name and fingerprint) returns the existing one unchanged;
+    the same name with another config raises `SweepExistsError`.
+    """
+    with sessions.begin() as s:
+        existing = s.execute(select(Sweep).where(Sweep.name == name)).scalar_one_or_none()
+        if existing is not None:
+            if existing.config_hash != fingerprint:
+                raise SweepExistsError(
+                    f"sweep {name!r} already exists with a different config; choose another "
+                    "`name` (a sweep's results must come from one config)"
+                )
+            return existing.id, False
+        sweep = Sweep(name=name, config=config, config_hash=fingerprint)
+        s.add(sweep)
+        s.flush()
+        run_rows = [
+            Run(
+                sweep_id=sweep.id,
+                grid_index=r["grid_index"],
+                name=r["name"],
+                method=r["method"],
+                beta=r["beta"],
+                temperature=r["temperature"],
+                steps=r["steps"],
+                generator_model=r["generator_model"],
+                reward_model=r["reward_model"],
+                config=r,
+            )
+            for r in runs
+        ]
+        s.add_all(run_rows)
+        prompt_rows = [
+            Prompt(
+                sweep_id=sweep.id,
+                prompt_index=p.index,
+                messages=p.messages,
+                reference=p.reference,
+                row=p.row,
+            )
+            for p in prompts
+        ]
+        s.add_all(prompt_rows)
+        s.flush()
+        now = utcnow()
+        chain_values = [
+            {
+                "run_id": run.id,
+                "prompt_id": prompt.id,
+                "chain_index": k,
+                "seed": int(run.config["seed"]),
+                "rng_key": f"{run.grid_index}/{prompt.prompt_index}/{k}",
+                "target_steps": run.steps,
+                "current_step": -1,
+                "status": ChainStatus.PENDING.value,
+                "attempts": 0,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for run in run_rows
+            for prompt in prompt_rows
+            for k in range(int(run.config["chains_per_prompt"]))
+        ]
+        for start in range(0, len(chain_values), 5000):
+            s.execute(insert(Chain), chain_values[start : start + 5000])
+        return sweep.id, True
+
+
+def find_sweep(sessions: Sessions, ref: str | int) -> Sweep:
+    """A sweep by name or numeric id."""
+    with sessions() as s:
+        q = select(Sweep).where(Sweep.name == str(ref))
+        sweep = s.execute(q).scalar_one_or_none()
+        if sweep is None and str(ref).isdigit():
+            sweep = s.get(Sweep, int(ref))
+        if sweep is None:
+            names = s.execute(select(Sweep.name).order_by(Sweep.id)).scalars().all()
+            known = ", ".join(names[-10:]) or "none yet"
+            raise SweepNotFoundError(f"no sweep {ref!r} in this database (sweeps: {known})")
+        return sweep
+
+
+def list_sweeps(sessions: Sessions) -> list[Sweep]:
+    with sessions() as s:
+        return list(s.execute(select(Sweep).order_by(Sweep.id)).scalars())
+
+
+# ---- one step ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Everything a worker needs to take the next step of a chain (read in one transaction)."""
+
+    chain_id: int
+    run_id: int
+    prompt_id: int
+    rng_key: str
+    seed: int
+    target_steps: int
+    current_step: int
+    status: str
+    attempts: int
+    sweep_status: str
+    run_config: dict[str, Any]
+    messages: list[dict[str, Any]]
+    prompt_ids: list[int] | None
+    state: State | None
+    state_text: str | None
+
+
+def load_step_context(sessions: Sessions, chain_id: int) -> StepContext:
+    with sessions() as s:
+        row = s.execute(
+            select(Chain, Run, Prompt, Sweep.status)
+            .join(Run, Run.id == Chain.run_id)
+            .join(Prompt, Prompt.id == Chain.prompt_id)
+            .join(Sweep, Sweep.id == Run.sweep_id)
+            .where(Chain.id == chain_id)
+        ).one_or_none()
+        if row is None:
+            raise LookupError(f"chain {chain_id} does not exist")
+        chain, run, prompt, sweep_status = row
+        enc = s.execute(
+            select(PromptEncoding.token_ids).where(
+                PromptEncoding.prompt_id == prompt.id, PromptEncoding.model == run.generator_model
+            )
+        ).scalar_one_or_none()
+        state = None
+        if chain.state_tokens is not None:
+            state = State(
+                tokens=tuple(chain.state_tokens),
+                reward=math.nan if chain.state_reward is None else chain.state_reward,
+                finish=Finish(chain.state_finish or Finish.STOP.value),
+                logprobs=None if chain.state_logprobs is None else tuple(chain.state_logprobs),
+            )
+        return StepContext(
+            chain_id=chain.id,
+            run_id=run.id,
+            prompt_id=prompt.id,
+            rng_key=chain.rng_key,
+            seed=chain.seed,
+            target_steps=chain.target_steps,
+            current_step=chain.current_step,
+            status=chain.status,
+            attempts=chain.attempts,
+            sweep_status=sweep_status,
+            run_config=run.config,
+            messages=prompt.messages,
+            prompt_ids=None if enc is None else list(enc),
+            state=state,
+            state_text=chain.state_text,
+        )
+
+
+def save_encoding(sessions: Sessions, prompt_id: int, model: str, token_ids: Sequence[int]) -> None:
+    """Store a prompt's templated ids once; a concurrent duplicate insert is harmless."""
+    try:
+        with sessions.begin() as s:
+            s.add(
+                PromptEncoding(
+                    prompt_id=prompt_id,
+                    model=model,
+                    token_ids=list(token_ids),
+                    n_tokens=len(token_ids),
+                )
+            )
+    except IntegrityError:
+        pass  # another worker stored the same encoding first; it is identical by construction
+
+
+def mark_running(sessions: Sessions, chain_id: int) -> None:
+    with sessions.begin() as s:
+        s.execute(
+            update(Chain)
+            .where(Chain.id == chain_id, Chain.status.not_in(FINAL))
+            .values(status=ChainStatus.RUNNING.value, updated_at=utcnow())
+        )
+
+
+@dataclass(frozen=True)
+class StepWrite:
+    """The proposal and the chain's new state for one committed step."""
+
+    step: int
+    cut: int
+    new_tokens: tuple[int, ...]
+    response_len: int
+    text: str
+    reward: float | None
+    log_a: float | None
+    alpha: float
+    accepted: bool
+    finish: str
+    reject_reason: str | None
+    gen_seed: int
+    reward_tokens: int | None
+    gen_latency_ms: float
+    reward_latency_ms: float
+    endpoint: str
+    state: State
+    state_text: str
+    worker: str | None = None
+
+
+def commit_step(sessions: Sessions, ctx: StepContext, w: StepWrite) -> bool:
+    """Append the proposal and move the chain, atomically; False if the step was already taken.
+
+    The chain moves only if its `current_step` is still `w.step - 1` (compare-and-set), and the
+    proposal's unique (chain_id, step) key catches anything that slips past; either way a
+    duplicate delivery changes nothing.
+    """
+    done = w.step >= ctx.target_steps
+    try:
+        with sessions.begin() as s:
+            moved = _rowcount(
+                s,
+                update(Chain)
+                .where(
+                    Chain.id == ctx.chain_id,
+                    Chain.current_step == w.step - 1,
+                    Chain.status.not_in(FINAL),
+                )
+                .values(
+                    current_step=w.step,
+                    state_tokens=list(w.state.tokens),
+                    state_logprobs=_json_logprobs(w.state.logprobs),
+                    state_reward=_finite_or_none(w.state.reward),
+                    state_finish=w.state.finish.value,
+                    state_text=_text(w.state_text),
+                    status=ChainStatus.DONE.value if done else ChainStatus.RUNNING.value,
+                    attempts=0,
+                    last_error=None,
+                    updated_at=utcnow(),
+                ),
+            )
+            if moved != 1:
+                s.rollback()
+                return False
+            s.execute(
+                insert(Proposal).values(
+                    chain_id=ctx.chain_id,
+                    run_id=ctx.run_id,
+                    step=w.step,
+                    cut=w.cut,
+                    new_tokens=list(w.new_tokens),
+                    response_len=w.response_len,
+                    text=_text(w.text),
+                    reward=_finite_or_none(w.reward),
+                    log_a=_finite_or_none(w.log_a),
+                    alpha=w.alpha,
+                    accepted=w.accepted,
+                    finish=w.finish,
+                    reject_reason=w.reject_reason,
+                    gen_seed=w.gen_seed,
+                    gen_tokens=len(w.new_tokens),
+                    reward_tokens=w.reward_tokens,
+                    gen_latency_ms=w.gen_latency_ms,
+                    reward_latency_ms=w.reward_latency_ms,
+                    endpoint=w.endpoint,
+                    worker=w.worker,
+                    created_at=utcnow(),
+                )
+            )
+    except IntegrityError:
+        return False
+    return True
+
+
+def record_failure(
+    sessions: Sessions, chain_id: int, step: int, error: str, max_attempts: int
+) -> str:
+    """Count a failed attempt at `step`; the chain fails for good after `max_attempts`."""
+    with sessions.begin() as s:
+        chain = s.get(Chain, chain_id, with_for_update=True)
+        if chain is None or chain.status in FINAL or chain.current_step >= step:
+            return chain.status if chain is not None else ChainStatus.FAILED.value
+        chain.attempts += 1
+        chain.last_error = f"step {step}: {error}"[:4000]
+        chain.status = (
+            ChainStatus.FAILED.value
+            if chain.attempts >= max_attempts
+            else ChainStatus.PENDING.value
+        )
+        return chain.status
+
+
+def mark_enqueued(sessions: Sessions, chain_ids: Sequence[int]) -> None:
+    now = utcnow()
+    with sessions.begin() as s:
+        for start in range(0, len(chain_ids), 1000):
+            s.execute(
+                update(Chain)
+                .where(Chain.id.in_(chain_ids[start : start + 1000]), Chain.status.not_in(FINAL))
+                .values(enqueued_at=now, updated_at=now)
+            )
+
+
+# ---- scheduling queries --------------------------------------------------------------------
+
+
+def unfinished_chains(
+    sessions: Sessions, sweep_id: int, retry_failed: bool = False
+) -> list[tuple[int, int]]:
+    """(chain id, next step) of every chain of the sweep that still has steps to take."""
+    statuses = [ChainStatus.PENDING.value, ChainStatus.RUNNING.value]
+    with sessions.begin() as s:
+        if retry_failed:
+            s.execute(
+                update(Chain)
+                .where(
+                    Chain.status == ChainStatus.FAILED.value,
+                    Chain.run_id.in_(select(Run.id).where(Run.sweep_id == sweep_id)),
+                )
+                .values(status=ChainStatus.PENDING.value, attempts=0, updated_at=utcnow())
+            )
+        rows = s.execute(
+            select(Chain.id, Chain.current_step)
+            .join(Run, Run.id == Chain.run_id)
+            .where(Run.sweep_id == sweep_id, Chain.status.in_(statuses))
+            .order_by(Chain.id)
+        ).all()
+    return [(cid, cur + 1) for cid, cur in rows]
+
+
+def stalled_chains(sessions: Sessions, older_than: dt.timedelta) -> list[tuple[int, int]]:
+    """Unfinished chains of active sweeps untouched for longer than `older_than`."""
+    cutoff = utcnow() - older_than
+    with sessions() as s:
+        rows = s.execute(
+            select(Chain.id, Chain.current_step)
+            .join(Run, Run.id == Chain.run_id)
+            .join(Sweep, Sweep.id == Run.sweep_id)
+            .where(
+                Sweep.status == SweepStatus.ACTIVE.value,
+                Chain.status.in_([ChainStatus.PENDING.value, ChainStatus.RUNNING.value]),
+                Chain.updated_at < cutoff,
+            )
+            .order_by(Chain.id)
+        ).all()
+    return [(cid, cur + 1) for cid, cur in rows]
+
+
+def cancel_sweep(sessions: Sessions, sweep_id: int) -> int:
+    """Stop a sweep: it and its unfinished chains become `cancelled`; returns chains cancelled."""
+    with sessions.begin() as s:
+        s.execute(
+            update(Sweep).where(Sweep.id == sweep_id).values(status=SweepStatus.CANCELLED.value)
+        )
+        return _rowcount(
+            s,
+            update(Chain)
+            .where(
+                Chain.run_id.in_(select(Run.id).where(Run.sweep_id == sweep_id)),
+                Chain.status.not_in(FINAL),
+            )
+            .values(status=ChainStatus.CANCELLED.value, updated_at=utcnow()),
+        )
+
+
+def reactivate_sweep(sessions: Sessions, sweep_id: int) -> None:
+    """Undo a cancel: cancelled chains become pending again (used by `resume`)."""
+    with sessions.begin() as s:
+        s.execute(update(Sweep).where(Sweep.id == sweep_id).values(status=SweepStatus.ACTIVE.value))
+        s.execute(
+            update(Chain)
+            .where(
+                Chain.run_id.in_(select(Run.id).where(Run.sweep_id == sweep_id)),
+                Chain.status == ChainStatus.CANCELLED.value,
+            )
+            .values(status=ChainStatus.PENDING.value, updated_at=utcnow())
+        )
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """Progress of one run, as shown by `qalign sweep status`."""
+
+    run_id: int
+    name: str
+    method: str
+    chains: int
+    chains_done: int
+    chains_failed: int
+    chains_cancelled: int
+    chains_with_errors: int
+    steps_total: int
+    steps_done: int
+    mcmc_proposals: int
+    mcmc_accepted: int
+    rejected_with_reason: int
+    mean_reward: float | None
+    first_at: dt.datetime | None
+    last_at: dt.datetime | None
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return None if self.mcmc_proposals == 0 else self.mcmc_accepted / self.mcmc_proposals
+
+
+def sweep_status(sessions: Sessions, sweep_id: int) -> list[RunStatus]:
+    """Per-run progress: one aggregate over chains and one over proposals, per run."""
+    with sessions() as s:
+        chain_rows = s.execute(
+            select(
+                Chain.run_id,
+                func.count(),
+                func.sum(case((Chain.status == ChainStatus.DONE.value, 1), else_=0)),
+                func.sum(case((Chain.status == ChainStatus.FAILED.value, 1), else_=0)),
+                func.sum(case((Chain.status == ChainStatus.CANCELLED.value, 1), else_=0)),
+                func.sum(case((Chain.last_error.is_not(None), 1), else_=0)),
+                func.sum(Chain.target_steps + 1),
+                func.sum(Chain.current_step + 1),
+                func.avg(Chain.state_reward),
+            )
+            .join(Run, Run.id == Chain.run_id)
+            .where(Run.sweep_id == sweep_id)
+            .group_by(Chain.run_id)
+        ).all()
+        mcmc = Proposal.step > 0
+        prop_rows = {
+            r[0]: r[1:]
+            for r in s.execute(
+                select(
+                    Proposal.run_id,
+                    func.sum(case((mcmc, 1), else_=0)),
+                    func.sum(case((and_(mcmc, Proposal.accepted), 1), else_=0)),
+                    func.sum(case((Proposal.reject_reason.is_not(None), 1), else_=0)),
+                    func.min(Proposal.created_at),
+                    func.max(Proposal.created_at),
+                )
+                .join(Run, Run.id == Proposal.run_id)
+                .where(Run.sweep_id == sweep_id)
+                .group_by(Proposal.run_id)
+            ).all()
+        }
+        names = dict(
+            s.execute(select(Run.id, Run.name).where(Run.sweep_id == sweep_id)).tuples().all()
+        )
+        methods = dict(
+            s.execute(select(Run.id, Run.method).where(Run.sweep_id == sweep_id)).tuples().all()
+        )
+    out = []
+    for run_id, n, done, failed, cancelled, errs, total, steps_done, mean_r in chain_rows:
+        mc, acc, rej, first, last = prop_rows.get(run_id, (0, 0, 0, None, None))
+        out.append(
+            RunStatus(
+                run_id=run_id,
+                name=names[run_id],
+                method=methods[run_id],
+                chains=int(n),
+                chains_done=int(done or 0),
+                chains_failed=int(failed or 0),
+                chains_cancelled=int(cancelled or 0),
+                chains_with_errors=int(errs or 0),
+                steps_total=int(total or 0),
+                steps_done=int(steps_done or 0),
+                mcmc_proposals=int(mc or 0),
+                mcmc_accepted=int(acc or 0),
+                rejected_with_reason=int(rej or 0),
+                mean_reward=None if mean_r is None else float(mean_r),
+                first_at=first,
+                last_at=last,
+            )
+        )
+    return sorted(out, key=lambda r: r.run_id)

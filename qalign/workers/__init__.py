@@ -1,0 +1,1 @@
+"""Celery workers: the app, the step task, and `advance` (the step of a stored chain)."""

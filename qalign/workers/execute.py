@@ -1,0 +1,245 @@
+"""`advance`: take one step of one stored chain. Celery tasks and `qalign run` both call it.
+
+Reads the chain in one short transaction, talks to the servers with no transaction open, then
+commits the proposal and the chain's new state in a second transaction guarded by a
+compare-and-set on the chain's step. A duplicated, replayed or concurrent delivery of the same
+(chain, step) therefore adds nothing and moves nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from qalign.clients import HttpSettings, make_generator, make_reward
+from qalign.clients.base import Generator, RewardModel, SamplingParams
+from qalign.clients.errors import ClientError, PromptTooLongError
+from qalign.core import KernelConfig, Method, index_distribution
+from qalign.sampling.step import ChainSpec, StepRecord, initial_step, mcmc_step
+from qalign.storage import repo
+from qalign.storage.models import ChainStatus, SweepStatus
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Result(StrEnum):
+    COMMITTED = "committed"  # this call took the step
+    DUPLICATE = "duplicate"  # the step was already taken (redelivery, concurrent twin)
+    SKIPPED = "skipped"  # chain finished, cancelled, or the message is stale
+    FAILED = "failed"  # the servers failed; the failure is recorded on the chain
+
+
+@dataclass(frozen=True)
+class Outcome:
+    chain_id: int
+    step: int
+    result: Result
+    next_step: int | None = None  # enqueue this step next
+    chain_status: str | None = None
+    error: str | None = None
+
+
+class ClientCache:
+    """One started client per distinct server config, shared by every step of the process."""
+
+    def __init__(self, startup_timeout: float = 600.0) -> None:
+        self.startup_timeout = startup_timeout
+        self._items: dict[str, Any] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def _get(self, kind: str, cfg: dict[str, Any], build: Callable[[], Any]) -> Any:
+        key = kind + json.dumps(cfg, sort_keys=True)
+        if key in self._items:
+            return self._items[key]
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            if key not in self._items:
+                client = build()
+                await client.start()
+                self._items[key] = client
+        return self._items[key]
+
+    async def generator(self, cfg: dict[str, Any]) -> Generator:
+        def build() -> Generator:
+            return make_generator(
+                cfg["backend"],
+                cfg["urls"],
+                cfg["model"],
+                settings=HttpSettings(
+                    total_timeout=cfg["timeout"],
+                    max_retries=cfg["max_retries"],
+                    api_key=_api_key(cfg),
+                ),
+                startup_timeout=self.startup_timeout,
+            )
+
+        client: Generator = await self._get("gen", cfg, build)
+        return client
+
+    async def reward(self, cfg: dict[str, Any]) -> RewardModel:
+        def build() -> RewardModel:
+            return make_reward(
+                cfg["format"],
+                cfg["urls"],
+                cfg["model"],
+                settings=HttpSettings(
+                    total_timeout=cfg["timeout"],
+                    max_retries=cfg["max_retries"],
+                    api_key=_api_key(cfg),
+                ),
+                batch_size=cfg["batch_size"],
+                startup_timeout=self.startup_timeout,
+            )
+
+        client: RewardModel = await self._get("rm", cfg, build)
+        return client
+
+    async def close(self) -> None:
+        for client in self._items.values():
+            await client.close()
+        self._items.clear()
+
+
+def _api_key(cfg: dict[str, Any]) -> str | None:
+    import os
+
+    env = cfg.get("api_key_env")
+    return os.environ.get(env) if env else None
+
+
+@dataclass
+class Services:
+    """What `advance` needs: the database, a thread pool for it, and the server clients."""
+
+    sessions: repo.Sessions
+    db_threads: int = 32
+    clients: ClientCache = field(default_factory=ClientCache)
+    _pool: ThreadPoolExecutor | None = None
+
+    async def db(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking database call off the event loop."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.db_threads, thread_name_prefix="qalign-db")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def close(self) -> None:
+        await self.clients.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+
+def kernel_of(run_config: dict[str, Any]) -> KernelConfig:
+    method = run_config["method"]
+    return KernelConfig(
+        beta=run_config["beta"] if run_config["beta"] is not None else 1.0,
+        max_new_tokens=run_config["max_new_tokens"],
+        method=Method.QUEST if method == "quest" else Method.QALIGN,
+        index=index_distribution(run_config["index"]),
+        clamp=run_config["clamp"],
+    )
+
+
+def worker_name() -> str:
+    """Who took a step: the Celery node name when set, else host and process id."""
+    import os
+    import socket
+
+    return os.environ.get("QALIGN_WORKER_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _write(rec: StepRecord) -> repo.StepWrite:
+    proposal = rec.proposal
+    return repo.StepWrite(
+        step=rec.step,
+        cut=rec.cut,
+        new_tokens=rec.new_tokens,
+        response_len=len(proposal.tokens) if proposal else rec.cut + len(rec.new_tokens),
+        text=rec.proposal_text,
+        reward=proposal.reward if proposal else None,
+        log_a=rec.decision.log_a,
+        alpha=rec.decision.alpha,
+        accepted=rec.accepted,
+        finish=rec.finish.value,
+        reject_reason=rec.decision.reason.value if rec.decision.reason else None,
+        gen_seed=rec.gen_seed,
+        reward_tokens=None,
+        gen_latency_ms=rec.gen_latency_s * 1000.0,
+        reward_latency_ms=rec.reward_latency_s * 1000.0,
+        endpoint=rec.endpoint,
+        state=rec.state,
+        state_text=rec.state_text,
+        worker=worker_name(),
+    )
+
+
+async def advance(services: Services, chain_id: int, step: int, *, max_attempts: int) -> Outcome:
+    """Take step `step` of chain `chain_id` if it is the chain's next step; see module doc."""
+    ctx = await services.db(repo.load_step_context, services.sessions, chain_id)
+    if ctx.status in repo.FINAL or ctx.sweep_status != SweepStatus.ACTIVE.value:
+        return Outcome(chain_id, step, Result.SKIPPED, chain_status=ctx.status)
+    if ctx.current_step >= step:
+        return Outcome(chain_id, step, Result.DUPLICATE, chain_status=ctx.status)
+    if ctx.current_step < step - 1:
+        return Outcome(chain_id, step, Result.SKIPPED, chain_status=ctx.status)
+    cfg = ctx.run_config
+    try:
+        gen = await services.clients.generator(cfg["generator"])
+        rm = await services.clients.reward(cfg["reward"]) if cfg.get("reward") else None
+        prompt_ids = ctx.prompt_ids
+        if prompt_ids is None:
+            prompt_ids = await gen.chat_prompt(ctx.messages)
+            if len(prompt_ids) > cfg["max_prompt_length"]:
+                raise PromptTooLongError(
+                    f"the templated prompt is {len(prompt_ids)} tokens, over max_prompt_length="
+                    f"{cfg['max_prompt_length']}; raise it in the config or drop this prompt"
+                )
+            await services.db(
+                repo.save_encoding, services.sessions, ctx.prompt_id, gen.model, prompt_ids
+            )
+        spec = ChainSpec(
+            key=ctx.rng_key,
+            seed=ctx.seed,
+            prompt_ids=tuple(prompt_ids),
+            messages=ctx.messages,
+            kernel=kernel_of(cfg),
+            sampling=SamplingParams(temperature=cfg["temperature"]),
+        )
+        if step == 0:
+            rec = await initial_step(spec, gen, rm)
+        else:
+            if ctx.state is None or rm is None:
+                raise RuntimeError(
+                    f"chain {chain_id} has no state or reward model before step {step}"
+                )
+            rec = await mcmc_step(spec, ctx.state, ctx.state_text or "", step, gen, rm)
+    except PromptTooLongError as exc:
+        status = await services.db(
+            repo.record_failure, services.sessions, chain_id, step, str(exc), 1
+        )
+        return Outcome(chain_id, step, Result.FAILED, chain_status=status, error=str(exc))
+    except (ClientError, OSError, TimeoutError) as exc:
+        msg = f"{type(exc).__name__}: {exc}"
+        log.warning("chain %d step %d failed: %s", chain_id, step, msg)
+        status = await services.db(
+            repo.record_failure, services.sessions, chain_id, step, msg, max_attempts
+        )
+        return Outcome(chain_id, step, Result.FAILED, chain_status=status, error=msg)
+    committed = await services.db(repo.commit_step, services.sessions, ctx, _write(rec))
+    if not committed:
+        return Outcome(chain_id, step, Result.DUPLICATE)
+    done = step >= ctx.target_steps
+    return Outcome(
+        chain_id,
+        step,
+        Result.COMMITTED,
+        next_step=None if done else step + 1,
+        chain_status=ChainStatus.DONE.value if done else ChainStatus.RUNNING.value,
+    )

@@ -1,0 +1,186 @@
+"""Shared helpers for sweep tests: toy servers, configs, workers, and whole-sweep invariants."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import redis
+import yaml
+from sqlalchemy import select
+
+from qalign.storage.engine import make_engine, make_sessionmaker
+from qalign.storage.models import Chain, Proposal
+from qalign.storage.replay import replay
+
+ROOT = Path(__file__).resolve().parents[1]
+QALIGN = [sys.executable, "-m", "qalign.cli"]
+
+
+def sweep_config(
+    name: str,
+    gen_url: str,
+    rm_url: str,
+    *,
+    prompts: int = 8,
+    beta: Any = (0.5, 1.0),
+    steps: int = 10,
+    chains: int = 2,
+    max_new_tokens: int = 3,
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "method": "qalign",
+        "generator": {"urls": [gen_url], "model": "toy-lm", "timeout": 30, "max_retries": 4},
+        "reward": {"urls": [rm_url], "model": "toy-rm", "format": "vllm", "timeout": 30},
+        "dataset": {"prompts": [f"question {i}: yes or no?" for i in range(prompts)]},
+        "beta": list(beta) if isinstance(beta, list | tuple) else beta,
+        "steps": steps,
+        "chains_per_prompt": chains,
+        "seed": 11,
+        "max_new_tokens": max_new_tokens,
+        "max_prompt_length": 64,
+        **extra,
+    }
+
+
+def write_config(tmp: Path, cfg: dict[str, Any]) -> Path:
+    path = tmp / f"{cfg['name']}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class Broker:
+    """An isolated Redis database + queue name for one test."""
+
+    def __init__(self) -> None:
+        self.db = 1 + uuid.uuid4().int % 15
+        self.url = f"redis://127.0.0.1:6379/{self.db}"
+        self.queue = f"qalign-test-{uuid.uuid4().hex[:8]}"
+        self.redis = redis.Redis.from_url(self.url)
+
+    def env(self) -> dict[str, str]:
+        return {"QALIGN_BROKER_URL": self.url, "QALIGN_QUEUE": self.queue}
+
+    def flush(self) -> None:
+        self.redis.delete(self.queue, "unacked", "unacked_index")
+
+    def queued(self) -> int:
+        return int(self.redis.llen(self.queue))
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*QALIGN, *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+class Worker:
+    """A `qalign worker` subprocess in its own process group."""
+
+    def __init__(self, name: str, db_url: str, broker: Broker, concurrency: int = 16) -> None:
+        self.name = name
+        self.log = Path(f"/tmp/qalign-{name}-{uuid.uuid4().hex[:6]}.log")
+        self.proc = subprocess.Popen(
+            [
+                *QALIGN,
+                "worker",
+                "--database",
+                db_url,
+                "--concurrency",
+                str(concurrency),
+                "--name",
+                name,
+                "--loglevel",
+                "INFO",
+            ],
+            env={**os.environ, **broker.env()},
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout=60)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextmanager
+def workers(*items: Worker) -> Iterator[tuple[Worker, ...]]:
+    try:
+        yield items
+    finally:
+        for w in items:
+            w.kill(signal.SIGTERM if w.proc.poll() is None else signal.SIGKILL)
+
+
+def wait_done(db_url: str, expected_chains: int, timeout: float = 180.0) -> None:
+    sessions = make_sessionmaker(make_engine(db_url))
+    deadline = time.monotonic() + timeout
+    done = 0
+    while time.monotonic() < deadline:
+        with sessions() as s:
+            done = len(s.execute(select(Chain.id).where(Chain.status == "done")).all())
+        if done >= expected_chains:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"only {done}/{expected_chains} chains finished in {timeout:.0f}s")
+
+
+def steps_committed(db_url: str) -> int:
+    sessions = make_sessionmaker(make_engine(db_url))
+    with sessions() as s:
+        return len(s.execute(select(Proposal.id)).all())
+
+
+def check_invariants(db_url: str) -> dict[int, tuple[int, ...]]:
+    """Every chain has exactly one proposal per step 0..N and its state is the replay's state.
+
+    Returns each chain's final state tokens.
+    """
+    sessions = make_sessionmaker(make_engine(db_url))
+    finals: dict[int, tuple[int, ...]] = {}
+    with sessions() as s:
+        chains = s.execute(select(Chain)).scalars().all()
+        rows = s.execute(
+            select(
+                Proposal.chain_id,
+                Proposal.step,
+                Proposal.cut,
+                Proposal.new_tokens,
+                Proposal.accepted,
+            )
+        ).all()
+    by_chain: dict[int, list[tuple[int, int, list[int], bool]]] = {}
+    for cid, step, cut, new, acc in rows:
+        by_chain.setdefault(cid, []).append((step, cut, new, acc))
+    for c in chains:
+        assert c.status == "done", (c.id, c.status, c.last_error)
+        props = by_chain.get(c.id, [])
+        assert sorted(p[0] for p in props) == list(range(c.target_steps + 1)), c.id
+        walked = replay(props)
+        assert walked[-1].state == tuple(c.state_tokens), c.id
+        assert c.current_step == c.target_steps
+        finals[c.id] = tuple(c.state_tokens)
+    return finals

@@ -1,0 +1,612 @@
+"""The storage layer on real SQLite and PostgreSQL: migrations, schema checks, engines, models.
+
+NaN policy (tested below): callers store a NaN reward / log_a as NULL (`qalign.storage.repo`
+does). The backends differ if a NaN slips through: SQLite stores NULL, PostgreSQL stores NaN.
+±inf round-trips on both. NaN/±inf inside JSON columns is refused on both (PostgreSQL's json
+type rejects it; the engines' JSON serializer refuses it everywhere).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import shutil
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from click.testing import CliRunner
+from sqlalchemy import Engine, delete, func, inspect, make_url, select, text
+from sqlalchemy.exc import IntegrityError, StatementError
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import QueuePool, StaticPool
+
+from qalign.cli_db import db_group
+from qalign.storage import (
+    Base,
+    Chain,
+    DatabaseConnectionError,
+    DatabaseUnreachableError,
+    InvalidDatabaseURLError,
+    Prompt,
+    PromptEncoding,
+    Proposal,
+    Run,
+    SchemaNotAtHeadError,
+    SQLiteDirectoryMissingError,
+    Sweep,
+    check_schema,
+    current_revision,
+    database_url,
+    downgrade,
+    ensure_schema,
+    head_revision,
+    make_engine,
+    make_sessionmaker,
+    migrate,
+    ping,
+    redact_url,
+    upgrade,
+)
+
+UTC = dt.UTC
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    eng = make_engine(db_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def migrated(engine: Engine) -> Engine:
+    upgrade(engine)
+    return engine
+
+
+def _tables(engine: Engine) -> set[str]:
+    return set(inspect(engine).get_table_names())
+
+
+def _schema_diff(engine: Engine) -> list[Any]:
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+        return list(compare_metadata(ctx, Base.metadata))
+
+
+def _names(engine: Engine) -> set[tuple[str, str, str]]:
+    """(table, kind, name) of every named primary key, unique constraint, foreign key, index."""
+    insp = inspect(engine)
+    out: set[tuple[str, str, str]] = set()
+    for table in Base.metadata.tables:
+        pk = insp.get_pk_constraint(table)["name"]
+        if pk:
+            out.add((table, "pk", pk))
+        out |= {(table, "uq", str(u["name"])) for u in insp.get_unique_constraints(table)}
+        out |= {(table, "fk", str(f["name"])) for f in insp.get_foreign_keys(table)}
+        # PostgreSQL reports a unique constraint's backing index as an index too.
+        out |= {
+            (table, "ix", str(i["name"]))
+            for i in insp.get_indexes(table)
+            if not i.get("duplicates_constraint")
+        }
+    return out
+
+
+def _model_names() -> set[tuple[str, str, str]]:
+    out: set[tuple[str, str, str]] = set()
+    for name, table in Base.metadata.tables.items():
+        for c in table.constraints:
+            kind = type(c).__name__
+            short = {"PrimaryKeyConstraint": "pk", "UniqueConstraint": "uq"}.get(kind)
+            short = short or ("fk" if kind == "ForeignKeyConstraint" else None)
+            if short:
+                out.add((name, short, str(c.name)))
+        out |= {(name, "ix", str(i.name)) for i in table.indexes}
+    return out
+
+
+# --- migrations -------------------------------------------------------------------------------
+
+
+def test_upgrade_downgrade_upgrade_and_models_match_migrations(engine: Engine) -> None:
+    head = head_revision()
+    assert head == "0001_initial"
+    assert current_revision(engine) is None
+
+    upgrade(engine)
+    assert current_revision(engine) == head
+    assert _tables(engine) == set(Base.metadata.tables) | {"alembic_version"}
+    assert _schema_diff(engine) == []
+    assert _names(engine) == _model_names()  # every name exactly as the naming convention says
+
+    downgrade(engine, "base")
+    assert current_revision(engine) is None
+    assert _tables(engine) - {"alembic_version"} == set()  # Alembic keeps its (empty) table
+
+    upgrade(engine)
+    assert current_revision(engine) == head
+    assert _schema_diff(engine) == []
+    upgrade(engine)  # idempotent
+    assert current_revision(engine) == head
+
+
+def test_upgrade_accepts_a_url_and_disposes_its_engine(db_url: str) -> None:
+    upgrade(db_url)
+    eng = make_engine(db_url)
+    try:
+        assert check_schema(eng) == head_revision()
+    finally:
+        eng.dispose()
+
+
+def test_concurrent_ensure_schema_on_postgres(pg_url: str) -> None:
+    with ThreadPoolExecutor(4) as pool:
+        revisions = list(pool.map(lambda _: ensure_schema(pg_url), range(4)))
+    assert revisions == [head_revision()] * 4
+
+
+def test_in_memory_sqlite_shares_one_connection() -> None:
+    eng = make_engine("sqlite://")
+    assert isinstance(eng.pool, StaticPool)
+    assert ensure_schema(eng) == head_revision()
+    assert check_schema(eng) == head_revision()
+    eng.dispose()
+
+
+# --- check_schema / ensure_schema -------------------------------------------------------------
+
+
+def test_check_schema_on_an_empty_database(engine: Engine, db_url: str) -> None:
+    with pytest.raises(SchemaNotAtHeadError) as err:
+        check_schema(engine)
+    e = err.value
+    assert (e.state, e.current, e.head) == ("empty", None, head_revision())
+    assert "qalign db upgrade" in str(e)
+    assert "current: none" in str(e) and f"head: {head_revision()}" in str(e)
+    if db_url.startswith("sqlite"):  # a check does not create the file
+        assert not Path(make_url(db_url).database or "").exists()
+
+
+def test_check_schema_at_head(migrated: Engine) -> None:
+    assert check_schema(migrated) == head_revision()
+    assert ensure_schema(migrated) == head_revision()
+
+
+def test_check_schema_ahead_refuses_everything(migrated: Engine) -> None:
+    with migrated.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = 'ffff_from_the_future'"))
+    with pytest.raises(SchemaNotAtHeadError) as err:
+        check_schema(migrated)
+    e = err.value
+    assert (e.state, e.current) == ("ahead", "ffff_from_the_future")
+    message = str(e)
+    assert "newer qalign" in message and "qalign db upgrade" in message
+    assert "current: ffff_from_the_future" in message and f"head: {head_revision()}" in message
+    with pytest.raises(SchemaNotAtHeadError, match="newer qalign"):
+        upgrade(migrated)
+    with pytest.raises(SchemaNotAtHeadError, match="newer qalign"):
+        ensure_schema(migrated)
+
+
+def _newer_migrations(tmp_path: Path) -> Path:
+    """A copy of the migrations with one more (empty) revision: what a newer qalign ships."""
+    folder = tmp_path / "newer-migrations"
+    shutil.copytree(migrate.migrations_dir(), folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (folder / "versions" / "0002_next.py").write_text(
+        'revision = "0002_next"\n'
+        'down_revision = "0001_initial"\n'
+        "branch_labels = None\n"
+        "depends_on = None\n\n\n"
+        "def upgrade():\n    pass\n\n\n"
+        "def downgrade():\n    pass\n"
+    )
+    return folder
+
+
+def test_check_schema_behind_then_ensure_schema_upgrades(
+    migrated: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    newer = _newer_migrations(tmp_path)
+    with monkeypatch.context() as m:  # this process is now the newer qalign
+        m.setattr(migrate, "migrations_dir", lambda: newer)
+        assert head_revision() == "0002_next"
+        with pytest.raises(SchemaNotAtHeadError) as err:
+            check_schema(migrated)
+        assert (err.value.state, err.value.current, err.value.head) == (
+            "behind",
+            "0001_initial",
+            "0002_next",
+        )
+        assert "qalign db upgrade" in str(err.value)
+        assert "current: 0001_initial, head: 0002_next" in str(err.value)
+        assert ensure_schema(migrated) == "0002_next"
+    # Back to this qalign: the database was migrated by a newer one.
+    with pytest.raises(SchemaNotAtHeadError) as err:
+        check_schema(migrated)
+    assert err.value.state == "ahead"
+
+
+def test_tables_without_a_revision_are_not_silently_adopted(engine: Engine) -> None:
+    Base.metadata.create_all(engine)
+    with pytest.raises(SchemaNotAtHeadError) as err:
+        check_schema(engine)
+    assert err.value.state == "unversioned"
+    with pytest.raises(SchemaNotAtHeadError):
+        upgrade(engine)
+    with pytest.raises(SchemaNotAtHeadError):
+        ensure_schema(engine)
+
+
+# --- engines ----------------------------------------------------------------------------------
+
+
+def test_sqlite_pragmas_on_every_connection_and_across_threads(sqlite_url: str) -> None:
+    eng = make_engine(sqlite_url)
+    assert isinstance(eng.pool, QueuePool) and eng.pool.size() == 32
+    pragmas = ("journal_mode", "busy_timeout", "synchronous", "foreign_keys")
+    with eng.connect() as a, eng.connect() as b:
+        for conn in (a, b):
+            got = [conn.exec_driver_sql(f"PRAGMA {p}").scalar() for p in pragmas]
+            assert got == ["wal", 30000, 1, 1]  # synchronous 1 == NORMAL
+        # check_same_thread=False: a connection may be used from another thread.
+        seen: list[Any] = []
+        worker = threading.Thread(
+            target=lambda: seen.append(a.exec_driver_sql("SELECT 7").scalar())
+        )
+        worker.start()
+        worker.join()
+        assert seen == [7]
+    eng.dispose()
+
+
+def test_pool_sizes_from_arguments_and_environment(
+    sqlite_url: str, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pg = make_engine(pg_url)
+    assert pg.dialect.driver == "psycopg"
+    assert isinstance(pg.pool, QueuePool) and pg.pool.size() == 32
+    assert pg.pool._pre_ping
+    pg.dispose()
+    monkeypatch.setenv("QALIGN_DB_POOL_SIZE", "5")
+    monkeypatch.setenv("QALIGN_DB_MAX_OVERFLOW", "0")
+    for url in (sqlite_url, pg_url):
+        eng = make_engine(url)
+        assert isinstance(eng.pool, QueuePool)
+        assert (eng.pool.size(), eng.pool._max_overflow) == (5, 0)
+        eng.dispose()
+        eng = make_engine(url, pool_size=3, max_overflow=2)
+        assert isinstance(eng.pool, QueuePool)
+        assert (eng.pool.size(), eng.pool._max_overflow) == (3, 2)
+        eng.dispose()
+    monkeypatch.setenv("QALIGN_DB_POOL_SIZE", "many")
+    with pytest.raises(ValueError, match="QALIGN_DB_POOL_SIZE"):
+        make_engine(sqlite_url)
+
+
+def test_database_url_precedence_and_normalisation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("QALIGN_DATABASE_URL", raising=False)
+    assert database_url() == f"sqlite:///{tmp_path / 'qalign.sqlite'}"
+    monkeypatch.setenv("QALIGN_DATABASE_URL", "postgres://u:p@db:5432/q")
+    assert database_url() == "postgresql+psycopg://u:p@db:5432/q"
+    assert database_url("sqlite:///x.sqlite") == "sqlite:///x.sqlite"
+    assert database_url("  ") == "postgresql+psycopg://u:p@db:5432/q"
+    assert database_url("postgresql://u@h/d") == "postgresql+psycopg://u@h/d"
+    assert database_url("postgresql+psycopg://u@h/d") == "postgresql+psycopg://u@h/d"
+    monkeypatch.setenv("QALIGN_DATABASE_URL", "")
+    assert database_url() == f"sqlite:///{tmp_path / 'qalign.sqlite'}"
+
+
+def test_redact_url() -> None:
+    assert redact_url("postgresql+psycopg://u:s3cret@h:5432/db") == (
+        "postgresql+psycopg://u:***@h:5432/db"
+    )
+    assert redact_url("postgresql://u@h/db") == "postgresql://u@h/db"
+    assert redact_url("sqlite:////tmp/x.sqlite") == "sqlite:////tmp/x.sqlite"
+    assert "s3cret" not in redact_url("postgresql://u:s3cret@h:port/db")  # unparsable port
+
+
+def test_malformed_and_unsupported_urls() -> None:
+    with pytest.raises(InvalidDatabaseURLError, match="malformed database URL") as err:
+        make_engine("not a url")
+    assert "postgresql://" in str(err.value)  # shows what a good URL looks like
+    with pytest.raises(InvalidDatabaseURLError) as err:
+        make_engine("postgresql://u:topsecret@h:notaport/db")
+    assert "topsecret" not in str(err.value) and "notaport" in str(err.value)
+    with pytest.raises(InvalidDatabaseURLError, match="unsupported database backend 'mysql'"):
+        make_engine("mysql://u@h/db")
+    with pytest.raises(InvalidDatabaseURLError, match="empty"):
+        make_engine("")
+
+
+def test_missing_sqlite_directory(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such"
+    with pytest.raises(SQLiteDirectoryMissingError) as err:
+        make_engine(f"sqlite:///{missing / 'q.sqlite'}")
+    assert err.value.directory == str(missing)
+    assert str(missing) in str(err.value) and "mkdir -p" in str(err.value)
+
+
+def test_unreachable_postgres_names_host_and_port_without_password() -> None:
+    eng = make_engine("postgresql://postgres:topsecret@127.0.0.1:1/test")
+    with pytest.raises(DatabaseUnreachableError) as err:
+        ping(eng)
+    e = err.value
+    assert (e.host, e.port, e.reason) == ("127.0.0.1", 1, "refused")
+    assert "127.0.0.1:1" in str(e) and "topsecret" not in str(e) and "***" in str(e)
+    with pytest.raises(DatabaseUnreachableError):
+        check_schema(eng)
+    eng.dispose()
+    result = CliRunner().invoke(
+        db_group, ["check", "--database", "postgresql://postgres:topsecret@127.0.0.1:1/test"]
+    )
+    assert result.exit_code == 1
+    assert "127.0.0.1:1" in result.output and "topsecret" not in result.output
+
+
+def test_missing_postgres_database_says_how_to_create_it(pg_url: str) -> None:
+    eng = make_engine(make_url(pg_url).set(database="qalign_no_such_db"))
+    with pytest.raises(DatabaseConnectionError) as err:
+        ping(eng)
+    assert err.value.reason == "missing-database"
+    assert "CREATE DATABASE" in str(err.value)
+    eng.dispose()
+
+
+# --- models -----------------------------------------------------------------------------------
+
+
+def _sweep(session: Session, name: str = "s") -> Sweep:
+    sweep = Sweep(name=name, config={"grid": {"beta": [0.5, 1.0]}, "n": 3}, config_hash="ab" * 32)
+    session.add(sweep)
+    session.flush()
+    return sweep
+
+
+def _graph(session: Session) -> tuple[Sweep, Run, Prompt, Chain]:
+    sweep = _sweep(session)
+    run = Run(
+        sweep_id=sweep.id,
+        grid_index=0,
+        name="beta=1",
+        method="qalign",
+        beta=1.0,
+        temperature=1.0,
+        steps=4,
+        generator_model="gen",
+        reward_model="rm",
+        config={"beta": 1.0},
+    )
+    prompt = Prompt(
+        sweep_id=sweep.id,
+        prompt_index=0,
+        messages=[{"role": "user", "content": "hi ✓"}],
+        reference="42",
+        row={"question": "hi", "answer": 42},
+    )
+    session.add_all([run, prompt])
+    session.flush()
+    chain = Chain(
+        run_id=run.id,
+        prompt_id=prompt.id,
+        chain_index=0,
+        seed=2**62 + 1,
+        rng_key="r0/p0/c0",
+        target_steps=4,
+    )
+    session.add(chain)
+    session.flush()
+    return sweep, run, prompt, chain
+
+
+def _proposal(chain: Chain, step: int, **kw: Any) -> Proposal:
+    values: dict[str, Any] = {
+        "chain_id": chain.id,
+        "run_id": chain.run_id,
+        "step": step,
+        "cut": 0,
+        "new_tokens": [1, 2, 3],
+        "response_len": 3,
+        "text": "a b c",
+        "reward": 0.5,
+        "log_a": -0.25,
+        "alpha": 0.75,
+        "accepted": True,
+        "finish": "stop",
+        "gen_seed": 2**31 - 2,
+        "gen_tokens": 3,
+        "gen_latency_ms": 1.5,
+        "reward_latency_ms": 2.5,
+        "endpoint": "http://127.0.0.1:8000",
+    }
+    values.update(kw)
+    return Proposal(**values)
+
+
+def test_round_trip_of_every_model(migrated: Engine) -> None:
+    sessions = make_sessionmaker(migrated)
+    tokens = [*range(0, 200_000, 997), 2**31 - 1]
+    enqueued = dt.datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    with sessions.begin() as s:
+        sweep, run, prompt, chain = _graph(s)
+        s.add(PromptEncoding(prompt_id=prompt.id, model="gen", token_ids=tokens, n_tokens=7))
+        chain.state_tokens = tokens
+        chain.state_logprobs = [-0.5, -1e-300, 0.0]
+        chain.state_reward = -math.inf
+        chain.state_finish = "length"
+        chain.state_text = "multi\nline ✓"
+        chain.enqueued_at = enqueued
+        s.add(_proposal(chain, 0, reward=math.inf, log_a=-math.inf, worker="w1", error=None))
+        s.add(_proposal(chain, 1, reward=-math.inf, log_a=math.inf, accepted=False))
+        s.add(_proposal(chain, 2, reward=None, log_a=None, reject_reason="nan_reward"))
+        ids = (sweep.id, run.id, prompt.id, chain.id)
+
+    with sessions() as s:
+        sweep = s.get_one(Sweep, ids[0])
+        assert sweep.config == {"grid": {"beta": [0.5, 1.0]}, "n": 3}
+        assert sweep.status == "active"
+        run = s.get_one(Run, ids[1])
+        assert (run.beta, run.reward_model, run.config) == (1.0, "rm", {"beta": 1.0})
+        prompt = s.get_one(Prompt, ids[2])
+        assert prompt.messages == [{"role": "user", "content": "hi ✓"}]
+        assert prompt.row == {"question": "hi", "answer": 42}
+        enc = s.scalars(select(PromptEncoding)).one()
+        assert enc.token_ids == tokens and all(type(t) is int for t in enc.token_ids)
+        chain = s.get_one(Chain, ids[3])
+        assert (chain.current_step, chain.status, chain.attempts) == (-1, "pending", 0)
+        assert chain.seed == 2**62 + 1
+        assert chain.state_tokens == tokens
+        assert chain.state_logprobs == [-0.5, -1e-300, 0.0]
+        assert chain.state_reward == -math.inf
+        assert chain.state_text == "multi\nline ✓"
+        # Datetimes come back timezone-aware in UTC on both backends.
+        assert chain.enqueued_at == enqueued and chain.enqueued_at.tzinfo == UTC
+        for stamp in (sweep.created_at, sweep.updated_at, chain.created_at, chain.updated_at):
+            assert stamp.tzinfo == UTC
+            assert abs(dt.datetime.now(UTC) - stamp) < dt.timedelta(minutes=5)
+        props = s.scalars(select(Proposal).order_by(Proposal.step)).all()
+        assert [(p.reward, p.log_a) for p in props] == [
+            (math.inf, -math.inf),
+            (-math.inf, math.inf),
+            (None, None),
+        ]
+        assert props[0].new_tokens == [1, 2, 3] and props[0].worker == "w1"
+        assert props[0].gen_seed == 2**31 - 2 and props[0].accepted is True
+        assert props[1].accepted is False and props[2].reject_reason == "nan_reward"
+        assert props[0].created_at.tzinfo == UTC
+        # SQL comparisons on datetimes agree with Python's.
+        later = s.scalar(
+            select(func.count()).select_from(Chain).where(Chain.enqueued_at < enqueued)
+        )
+        assert later == 0
+
+
+def test_nan_in_float_columns_differs_by_backend(migrated: Engine) -> None:
+    """Callers must store NaN as NULL; if one slips through, SQLite keeps NULL, PostgreSQL NaN."""
+    sessions = make_sessionmaker(migrated)
+    with sessions.begin() as s:
+        *_, chain = _graph(s)
+        s.add(_proposal(chain, 0, reward=math.nan, log_a=math.nan))
+    with sessions() as s:
+        p = s.scalars(select(Proposal)).one()
+        if migrated.dialect.name == "sqlite":
+            assert (p.reward, p.log_a) == (None, None)
+        else:
+            assert p.reward is not None and math.isnan(p.reward)
+            assert p.log_a is not None and math.isnan(p.log_a)
+
+
+def test_non_finite_floats_in_json_are_refused(migrated: Engine) -> None:
+    sessions = make_sessionmaker(migrated)
+    for bad in (math.nan, -math.inf):
+        # SQLite: StatementError around the ValueError; psycopg: the ValueError itself.
+        refused = pytest.raises((StatementError, ValueError), match="JSON compliant")
+        with refused, sessions.begin() as s:
+            *_, chain = _graph(s)
+            chain.state_logprobs = [-0.1, bad]
+
+
+def test_naive_datetimes_are_refused(migrated: Engine) -> None:
+    sessions = make_sessionmaker(migrated)
+    with pytest.raises(StatementError, match="naive datetime"), sessions.begin() as s:
+        *_, chain = _graph(s)
+        chain.enqueued_at = dt.datetime(2025, 1, 1)
+
+
+def test_unique_chain_step(migrated: Engine) -> None:
+    sessions = make_sessionmaker(migrated)
+    with sessions.begin() as s:
+        *_, chain = _graph(s)
+        s.add(_proposal(chain, 0))
+        chain_id = chain.id
+        run_id = chain.run_id
+    with pytest.raises(IntegrityError), sessions.begin() as s:
+        chain = s.get_one(Chain, chain_id)
+        s.add(_proposal(chain, 0, text="again"))
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Proposal)) == 1
+        assert s.get_one(Chain, chain_id).run_id == run_id
+
+
+def test_foreign_keys_enforced_and_cascade(migrated: Engine) -> None:
+    sessions = make_sessionmaker(migrated)
+    with pytest.raises(IntegrityError), sessions.begin() as s:
+        s.add(Prompt(sweep_id=12345, prompt_index=0, messages=[], row={}))
+    with sessions.begin() as s:
+        sweep, _, prompt, chain = _graph(s)
+        s.add(PromptEncoding(prompt_id=prompt.id, model="gen", token_ids=[1], n_tokens=1))
+        s.add(_proposal(chain, 0))
+        sweep_id = sweep.id
+    with sessions.begin() as s:
+        s.execute(delete(Sweep).where(Sweep.id == sweep_id))
+    with sessions() as s:
+        for model in (Run, Prompt, PromptEncoding, Chain, Proposal):
+            assert s.scalar(select(func.count()).select_from(model)) == 0, model
+
+
+def test_many_threads_write_at_once(migrated: Engine) -> None:
+    """32 threads (a worker's pool) commit small transactions concurrently without errors."""
+    sessions = make_sessionmaker(migrated)
+    with sessions.begin() as s:
+        *_, chain = _graph(s)
+        chain_id, run_id = chain.id, chain.run_id
+
+    def work(t: int) -> None:
+        for k in range(4):
+            with sessions.begin() as s:
+                s.add(_proposal(s.get_one(Chain, chain_id), 4 * t + k, run_id=run_id))
+
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(work, range(32)))
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Proposal)) == 128
+
+
+# --- CLI --------------------------------------------------------------------------------------
+
+
+def test_cli_upgrade_and_check_print_redacted_urls(db_url: str) -> None:
+    url = db_url
+    if url.startswith("postgresql"):  # trust auth: the password is never asked for
+        url = make_url(url).set(password="hunter2").render_as_string(hide_password=False)
+    runner = CliRunner()
+    result = runner.invoke(db_group, ["check", "--database", url])
+    assert result.exit_code == 1, result.output
+    assert "qalign db upgrade" in result.output and "hunter2" not in result.output
+
+    result = runner.invoke(db_group, ["upgrade", "--database", url])
+    assert result.exit_code == 0, result.output
+    assert f"upgraded from an empty database to {head_revision()}" in result.output
+    assert "hunter2" not in result.output
+
+    result = runner.invoke(db_group, ["upgrade", "--database", url])
+    assert result.exit_code == 0 and "already at revision" in result.output
+
+    result = runner.invoke(db_group, ["check", "--database", url])
+    assert result.exit_code == 0, result.output
+    assert head_revision() in result.output and "hunter2" not in result.output
+    if url != db_url:
+        assert "***" in result.output
+
+
+def test_cli_uses_environment_and_has_examples(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QALIGN_DATABASE_URL", sqlite_url)
+    runner = CliRunner()
+    assert runner.invoke(db_group, ["upgrade"]).exit_code == 0
+    assert runner.invoke(db_group, ["check"]).exit_code == 0
+    for cmd in ("upgrade", "check"):
+        help_text = runner.invoke(db_group, [cmd, "--help"]).output
+        assert "Examples:" in help_text and f"qalign db {cmd} --database" in help_text
+    bad = runner.invoke(db_group, ["upgrade", "--revision", "nope"])
+    assert bad.exit_code == 1 and "nope" in bad.output

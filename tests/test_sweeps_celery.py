@@ -1,0 +1,214 @@
+"""Distributed sweeps through real Celery worker subprocesses, Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+from sqlalchemy import func, select
+
+from qalign.config import parse_config
+from qalign.core import KernelConfig
+from qalign.scheduler.sweeps import create_sweep
+from qalign.storage.engine import make_engine, make_sessionmaker
+from qalign.storage.migrate import upgrade
+from qalign.storage.models import Chain, Proposal
+from qalign.toy.exact import (
+    empirical,
+    step_distribution,
+    total_variation,
+    transition_matrix,
+    tv_bound,
+)
+from qalign.toy.model import ToyModel
+from qalign.toy.server import ToyServerOptions, serve_in_thread
+from qalign.workers.execute import Result, Services, advance
+from tests.sweeps_support import (
+    Broker,
+    Worker,
+    check_invariants,
+    cli,
+    steps_committed,
+    sweep_config,
+    wait_done,
+    workers,
+    write_config,
+)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    with (
+        serve_in_thread(ToyServerOptions(served_model_names=("toy-lm",), port=0)) as g,
+        serve_in_thread(ToyServerOptions(served_model_names=("toy-rm",), port=0)) as r,
+    ):
+        yield g.url, r.url
+
+
+@pytest.fixture
+def broker():
+    b = Broker()
+    b.flush()
+    yield b
+    b.flush()
+
+
+def _create(db_url, tmp_path, cfg, broker):
+    upgrade(db_url)
+    path = write_config(tmp_path, cfg)
+    out = cli("sweep", "create", str(path), "--database", db_url, env=broker.env())
+    assert out.returncode == 0, out.stderr
+    return path
+
+
+def test_sweep_end_to_end_with_two_named_workers(pg_url, tmp_path, toy, broker):
+    cfg = sweep_config("e2e", *toy, prompts=8, beta=[0.5, 1.0], steps=10, chains=2)
+    _create(pg_url, tmp_path, cfg, broker)
+    again = cli("sweep", "create", str(tmp_path / "e2e.yaml"), "--database", pg_url)
+    assert again.returncode == 0 and "exists" in again.stdout  # not duplicated
+    with workers(Worker("w1@hostA", pg_url, broker), Worker("w2@hostB", pg_url, broker)):
+        out = cli("sweep", "run", "e2e", "--database", pg_url, env=broker.env())
+        assert out.returncode == 0, out.stderr
+        assert "enqueued 32" in out.stdout
+        wait_done(pg_url, 2 * 8 * 2)
+    check_invariants(pg_url)
+    sessions = make_sessionmaker(make_engine(pg_url))
+    with sessions() as s:
+        by_worker = dict(
+            s.execute(select(Proposal.worker, func.count()).group_by(Proposal.worker)).all()
+        )
+        assert s.execute(select(func.count()).select_from(Chain)).scalar() == 32
+    assert set(by_worker) == {"w1@hostA", "w2@hostB"}, by_worker
+    assert sum(by_worker.values()) == 32 * 11
+    status = cli("sweep", "status", "e2e", "--database", pg_url, "--json")
+    rows = json.loads(status.stdout)
+    assert len(rows) == 2
+    assert all(r["chains_done"] == 16 and r["steps_done"] == 16 * 11 for r in rows)
+    assert all(0 < r["acceptance_rate"] <= 1 for r in rows)
+
+
+def test_sigkilled_worker_loses_nothing_and_sampling_stays_exact(pg_url, tmp_path, toy, broker):
+    n, k = 300, 6
+    cfg = sweep_config("crash", *toy, prompts=1, beta=1.0, steps=k, chains=n)
+    cfg["dataset"] = {"prompts": ["Answer yes or no."]}
+    _create(pg_url, tmp_path, cfg, broker)
+    first = Worker("victim@host", pg_url, broker, concurrency=16)
+    with workers(first):
+        assert cli("sweep", "run", "crash", "--database", pg_url, env=broker.env()).returncode == 0
+        deadline = time.monotonic() + 120
+        while steps_committed(pg_url) < n * (k + 1) // 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        first.kill()  # SIGKILL mid-sweep: in-flight and prefetched steps die with it
+    assert steps_committed(pg_url) < n * (k + 1)
+    with workers(Worker("rescuer@host", pg_url, broker, concurrency=16)):
+        reap = cli("sweep", "reap", "--database", pg_url, "--stall-timeout", "0", env=broker.env())
+        assert reap.returncode == 0, reap.stderr
+        wait_done(pg_url, n)
+    finals = check_invariants(pg_url)
+    model = ToyModel()
+    kernel = KernelConfig(beta=1.0, max_new_tokens=3)
+    exact_k = step_distribution(model.lm_distribution(3), transition_matrix(model, kernel), k)
+    final = empirical(list(finals.values()))
+    assert total_variation(final, exact_k) < tv_bound(exact_k, n)
+
+
+def test_redis_flushed_mid_run_then_resume_completes(pg_url, tmp_path, toy, broker):
+    cfg = sweep_config("flush", *toy, prompts=4, beta=1.0, steps=8, chains=4)
+    _create(pg_url, tmp_path, cfg, broker)
+    total = 16
+    w = Worker("flushy@host", pg_url, broker, concurrency=4)
+    with workers(w):
+        assert cli("sweep", "run", "flush", "--database", pg_url, env=broker.env()).returncode == 0
+        while steps_committed(pg_url) < 20:
+            time.sleep(0.05)
+        broker.redis.flushdb()  # the broker loses every message
+        time.sleep(2.0)
+        assert steps_committed(pg_url) < total * 9
+        out = cli("sweep", "resume", "flush", "--database", pg_url, env=broker.env())
+        assert out.returncode == 0, out.stderr
+        wait_done(pg_url, total)
+    check_invariants(pg_url)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_duplicate_and_concurrent_delivery_change_nothing(backend, sqlite_url, pg_url, toy):
+    url = sqlite_url if backend == "sqlite" else pg_url
+    upgrade(url)
+    sessions = make_sessionmaker(make_engine(url))
+    cfg = parse_config(sweep_config("dup", *toy, prompts=1, beta=1.0, steps=3, chains=1))
+    create_sweep(sessions, cfg, check=False)
+    with sessions() as s:
+        chain_id = s.execute(select(Chain.id)).scalar_one()
+
+    async def twice_in_a_row():
+        services = Services(sessions=sessions)
+        try:
+            a = await advance(services, chain_id, 0, max_attempts=3)
+            b = await advance(services, chain_id, 0, max_attempts=3)
+            return a, b
+        finally:
+            await services.close()
+
+    a, b = asyncio.run(twice_in_a_row())
+    assert (a.result, b.result) == (Result.COMMITTED, Result.DUPLICATE)
+
+    # the same step delivered twice at the same time, from two threads with their own loops
+    results = []
+
+    def deliver():
+        async def one():
+            services = Services(sessions=sessions)
+            try:
+                return await advance(services, chain_id, 1, max_attempts=3)
+            finally:
+                await services.close()
+
+        results.append(asyncio.run(one()).result)
+
+    threads = [threading.Thread(target=deliver) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results).count(Result.COMMITTED) == 1
+    assert set(results) <= {Result.COMMITTED, Result.DUPLICATE}
+    with sessions() as s:
+        steps = s.execute(select(Proposal.step).where(Proposal.chain_id == chain_id)).scalars()
+        assert sorted(steps) == [0, 1]
+        assert s.get(Chain, chain_id).current_step == 1
+
+
+def test_duplicate_celery_messages_make_one_proposal(pg_url, tmp_path, toy, broker):
+    from qalign.scheduler.dispatch import CeleryDispatcher
+    from qalign.workers.app import make_app
+
+    cfg = sweep_config("dupmsg", *toy, prompts=2, beta=1.0, steps=4, chains=2)
+    _create(pg_url, tmp_path, cfg, broker)
+    import os
+
+    os.environ.update(broker.env())
+    try:
+        dispatcher = CeleryDispatcher(make_app(broker.url))
+        sessions = make_sessionmaker(make_engine(pg_url))
+        with sessions() as s:
+            ids = s.execute(select(Chain.id)).scalars().all()
+        for cid in ids:  # every first step three times
+            for _ in range(3):
+                dispatcher.enqueue(cid, 0)
+    finally:
+        for key in broker.env():
+            os.environ.pop(key, None)
+    with workers(Worker("dup@host", pg_url, broker, concurrency=8)):
+        wait_done(pg_url, 4)
+        time.sleep(1.0)  # let the extra copies be consumed too
+    check_invariants(pg_url)
+    assert steps_committed(pg_url) == 4 * 5
+
+
+def test_worker_refuses_a_database_not_at_head(sqlite_url, broker):
+    out = cli("worker", "--database", sqlite_url, env=broker.env(), timeout=60)
+    assert out.returncode != 0
+    assert "qalign db upgrade" in out.stderr

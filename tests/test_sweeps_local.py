@@ -1,0 +1,169 @@
+"""`qalign run` (embedded default: SQLite, no broker), config validation, and the CLI surface."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import select
+
+from qalign.cli import main
+from qalign.config import ConfigError, load_config, parse_config
+from qalign.scheduler.sweeps import create_sweep
+from qalign.storage.engine import make_engine, make_sessionmaker
+from qalign.storage.migrate import upgrade
+from qalign.storage.models import Sweep
+from qalign.toy.server import ToyServerOptions, serve_in_thread
+from tests.sweeps_support import (
+    QALIGN,
+    ROOT,
+    check_invariants,
+    cli,
+    steps_committed,
+    sweep_config,
+    write_config,
+)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    with (
+        serve_in_thread(ToyServerOptions(served_model_names=("toy-lm",), port=0)) as g,
+        serve_in_thread(ToyServerOptions(served_model_names=("toy-rm",), port=0)) as r,
+    ):
+        yield g.url, r.url
+
+
+def test_qalign_run_on_sqlite_and_rerun_resumes(sqlite_url, tmp_path, toy):
+    cfg = sweep_config("local", *toy, prompts=8, beta=[0.5, 1.0], steps=10, chains=2)
+    path = write_config(tmp_path, cfg)
+    out = cli("run", str(path), "--database", sqlite_url, "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert "created sweep 'local'" in out.stderr
+    check_invariants(sqlite_url)
+    assert steps_committed(sqlite_url) == 32 * 11
+    again = cli("run", str(path), "--database", sqlite_url, "--quiet")
+    assert again.returncode == 0 and "resuming sweep 'local'" in again.stderr
+    assert steps_committed(sqlite_url) == 32 * 11
+
+
+def test_interrupted_run_resumes_where_it_stopped(sqlite_url, tmp_path):
+    slow = ToyServerOptions(served_model_names=("toy-lm",), port=0, latency_base=0.02)
+    with (
+        serve_in_thread(slow) as g,
+        serve_in_thread(ToyServerOptions(served_model_names=("toy-rm",), port=0)) as r,
+    ):
+        cfg = sweep_config("interrupt", g.url, r.url, prompts=4, beta=1.0, steps=12, chains=4)
+        path = write_config(tmp_path, cfg)
+        proc = subprocess.Popen(
+            [*QALIGN, "run", str(path), "--database", sqlite_url, "--quiet"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if os.path.exists(sqlite_url.removeprefix("sqlite:///")):
+                try:
+                    if steps_committed(sqlite_url) >= 40:
+                        break
+                except Exception:
+                    pass
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode != 0
+        assert "run the same command again" in err
+        partial = steps_committed(sqlite_url)
+        assert 40 <= partial < 16 * 13
+        out = cli("run", str(path), "--database", sqlite_url, "--quiet")
+        assert out.returncode == 0, out.stderr
+    check_invariants(sqlite_url)
+    assert steps_committed(sqlite_url) == 16 * 13
+
+
+BAD = [
+    ({"bogus": 1}, "bogus: unknown key"),
+    ({"steps": "many"}, "steps.0: Input should be a valid integer"),
+    ({"beta": -1}, "beta.0: Input should be greater than 0"),
+    ({"generator": {"urls": ["ftp://x"], "model": "toy-lm"}}, "generator.urls"),
+    ({"reward": None}, "needs a `reward` section"),
+    ({"index": "gaussian"}, "unknown index distribution"),
+]
+
+
+@pytest.mark.parametrize(("patch", "message"), BAD)
+def test_bad_configs_name_the_key(patch, message, toy):
+    cfg = sweep_config("bad", *toy) | patch
+    with pytest.raises(ConfigError, match="bad") as err:
+        parse_config(cfg, "bad.yaml")
+    assert message in str(err.value)
+
+
+def test_unreachable_server_or_unknown_model_writes_nothing(sqlite_url, toy, tmp_path):
+    upgrade(sqlite_url)
+    sessions = make_sessionmaker(make_engine(sqlite_url))
+    unknown = sweep_config("unknown-model", *toy)
+    unknown["generator"]["model"] = "no-such-model"
+    unreachable = sweep_config("unreachable", "http://127.0.0.1:9", toy[1])
+    unreachable["generator"]["max_retries"] = 1
+    for cfg, needle in ((unknown, "no-such-model"), (unreachable, "127.0.0.1:9")):
+        with pytest.raises(ConfigError, match=needle):
+            create_sweep(sessions, parse_config(cfg), check=True, server_wait=2.0)
+    with sessions() as s:
+        assert s.execute(select(Sweep)).first() is None
+    path = write_config(tmp_path, unknown)
+    out = cli("run", str(path), "--database", sqlite_url, "--quiet")
+    assert out.returncode != 0 and "no-such-model" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_example_config_is_valid():
+    cfg = load_config(ROOT / "examples" / "sweep.yaml")
+    assert len(cfg.runs()) == 2
+
+
+def test_cli_lists_every_command_with_examples():
+    runner = CliRunner()
+    top = runner.invoke(main, ["--help"])
+    for name in ("db", "sweep", "run", "worker", "export", "toy-server", "demo"):
+        assert name in top.output
+    for args in (
+        ["db", "upgrade"],
+        ["db", "check"],
+        ["sweep", "create"],
+        ["sweep", "list"],
+        ["sweep", "show"],
+        ["sweep", "run"],
+        ["sweep", "resume"],
+        ["sweep", "cancel"],
+        ["sweep", "status"],
+        ["sweep", "reap"],
+        ["run"],
+        ["worker"],
+        ["export"],
+    ):
+        out = runner.invoke(main, [*args, "--help"])
+        assert out.exit_code == 0, (args, out.output)
+        assert "Example" in out.output, args
+
+
+def test_status_json_and_cancel(sqlite_url, tmp_path, toy):
+    cfg = sweep_config("statusy", *toy, prompts=2, beta=1.0, steps=2, chains=1)
+    path = write_config(tmp_path, cfg)
+    assert cli("run", str(path), "--database", sqlite_url, "--quiet").returncode == 0
+    rows = json.loads(cli("sweep", "status", "statusy", "--database", sqlite_url, "--json").stdout)
+    (row,) = rows
+    assert row["chains_done"] == row["chains_total"] == 2
+    assert row["steps_done"] == row["steps_total"] == 6
+    listed = cli("sweep", "list", "--database", sqlite_url, "--json")
+    assert json.loads(listed.stdout)[0]["name"] == "statusy"
+    cancel = cli("sweep", "cancel", "statusy", "--database", sqlite_url)
+    assert cancel.returncode == 0 and "cancelled" in cancel.stdout
+    missing = cli("sweep", "status", "nope", "--database", sqlite_url)
+    assert missing.returncode != 0 and "no sweep 'nope'" in missing.stderr
