@@ -58,64 +58,110 @@ _register_commands()
 @click.option("--steps", default=20, show_default=True, help="MCMC steps per chain.")
 @click.option("--beta", default=1.0, show_default=True, help="Reward temperature.")
 @click.option("--seed", default=0, show_default=True, help="Run seed.")
+@click.option("--database", help="Where to store the sweep (default: a new SQLite file).")
 @click.option("--json-out", "json_out", is_flag=True, help="Print the summary as JSON.")
-def demo(chains: int, steps: int, beta: float, seed: int, json_out: bool) -> None:
-    """Run QAlign against two local toy servers and compare with the exact target.
+def demo(
+    chains: int, steps: int, beta: float, seed: int, database: str | None, json_out: bool
+) -> None:
+    """Run a QAlign sweep against two local toy servers and compare with the exact target.
 
-    Starts a toy generator and a toy reward server on free local ports (no external services),
-    runs CHAINS chains of STEPS steps through the seed-style API, and prints the most frequent
-    final responses next to their exact target probabilities.
+    Starts a toy generator and a toy reward model on free local ports (no external services),
+    stores a sweep in SQLite, runs CHAINS chains of STEPS steps through the same runner as
+    `qalign run`, and prints where the chains ended next to the exact target distribution.
 
     Example: qalign demo --chains 200 --steps 20 --beta 1.0
     """
-    from qalign.base import QAlign
-    from qalign.model import RemoteVLLM
-    from qalign.reward import RemoteReward
-    from qalign.toy.exact import total_variation, tv_bound
+    import tempfile
+
+    from sqlalchemy import select
+
+    from qalign.cli_sweep import print_status
+    from qalign.config import parse_config
+    from qalign.core import KernelConfig
+    from qalign.sampling.loop import run_sync
+    from qalign.scheduler.local import run_locally
+    from qalign.scheduler.sweeps import create_sweep
+    from qalign.storage import ensure_schema, make_engine, make_sessionmaker
+    from qalign.storage.models import Chain
+    from qalign.toy.exact import step_distribution, total_variation, transition_matrix, tv_bound
     from qalign.toy.model import ToyModel
     from qalign.toy.server import ToyServerOptions, serve_in_thread
+    from qalign.workers.execute import Services
 
     max_new = 3
     toy = ToyModel()
+    url = database or f"sqlite:///{tempfile.mkdtemp(prefix='qalign-demo-')}/demo.sqlite"
     gen_opts = ToyServerOptions(served_model_names=("toy-lm",), port=0)
     rm_opts = ToyServerOptions(served_model_names=("toy-rm",), port=0)
     with serve_in_thread(gen_opts) as gen_srv, serve_in_thread(rm_opts) as rm_srv:
-        click.echo(f"toy generator at {gen_srv.url}, toy reward model at {rm_srv.url}")
-        model = RemoteVLLM(gen_srv.url, "toy-lm", max_new_tokens=max_new, max_prompt_length=64)
-        reward = RemoteReward(rm_srv.url, "toy-rm", server_format="vllm")
-        chain = QAlign(model, reward, beta=beta, seed=seed)
-        question = [{"role": "user", "content": "Should we ship it? Answer yes, no, maybe, so."}]
-        out = chain.run([question] * chains, steps=steps, use_tqdm=True)
-    finals = collections.Counter(tuple(recs[-1].state.tokens) for recs in out.records)
+        click.echo(f"toy generator at {gen_srv.url}, toy reward model at {rm_srv.url}", err=True)
+        cfg = parse_config(
+            {
+                "name": f"demo-beta{beta:g}-steps{steps}-chains{chains}-seed{seed}",
+                "generator": {"urls": [gen_srv.url], "model": "toy-lm"},
+                "reward": {"urls": [rm_srv.url], "model": "toy-rm", "format": "vllm"},
+                "dataset": {"prompts": ["Should we ship it? Answer yes, no, maybe, so."]},
+                "beta": beta,
+                "steps": steps,
+                "chains_per_prompt": chains,
+                "seed": seed,
+                "max_new_tokens": max_new,
+                "max_prompt_length": 64,
+            },
+            "demo config",
+        )
+        ensure_schema(url)
+        sessions = make_sessionmaker(make_engine(url))
+        sweep_id, _ = create_sweep(sessions, cfg)
+        click.echo(f"sweep {cfg.name!r} stored in {url}", err=True)
+        services = Services(sessions=sessions)
+
+        async def go() -> object:
+            try:
+                return await run_locally(services, sweep_id, concurrency=64)
+            finally:
+                await services.close()
+
+        run_sync(go())
+    with sessions() as s:
+        finals = [tuple(t) for t in s.execute(select(Chain.state_tokens)).scalars()]
+    counts = collections.Counter(finals)
+    empirical = {y: c / len(finals) for y, c in counts.items()}
     target = toy.target(beta, max_new)
-    empirical = {y: c / chains for y, c in finals.items()}
-    tv = total_variation(empirical, target)
-    accepted = sum(r.accepted for recs in out.records for r in recs[1:])
+    exact_k = step_distribution(
+        toy.lm_distribution(max_new),
+        transition_matrix(toy, KernelConfig(beta=beta, max_new_tokens=max_new)),
+        steps,
+    )
     top = [
-        {"response": toy.decode(y), "empirical": empirical.get(y, 0.0), "target": p}
+        {"response": toy.decode(y), "chains": empirical.get(y, 0.0), "target": p}
         for y, p in sorted(target.items(), key=lambda kv: -kv[1])[:8]
     ]
     summary = {
-        "chains": chains,
+        "database": url,
+        "chains": len(finals),
         "steps": steps,
         "beta": beta,
-        "acceptance_rate": accepted / max(1, chains * steps),
-        "tv_to_exact_target": tv,
-        "tv_expected_from_sampling_alone": tv_bound(target, chains),
+        "tv_to_target": total_variation(empirical, target),
+        "tv_to_exact_law_after_steps": total_variation(empirical, exact_k),
+        "tv_allowed_by_sampling_noise": tv_bound(exact_k, len(finals)),
+        "exact_law_tv_to_target": total_variation(exact_k, target),
         "top": top,
     }
     if json_out:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"\n{'response':<24} {'chains':>8} {'exact target':>13}")
+    print_status(sessions, sweep_id, as_json=False)
+    click.echo(f"\n{'final response':<24} {'chains':>8} {'exact target':>13}")
     for row in top:
-        click.echo(f"{row['response']:<24} {row['empirical']:>8.3f} {row['target']:>13.3f}")
-    noise = tv_bound(target, chains)
+        click.echo(f"{row['response']:<24} {row['chains']:>8.3f} {row['target']:>13.3f}")
     click.echo(
-        f"\nacceptance rate {summary['acceptance_rate']:.2f}; total variation to the exact target "
-        f"{tv:.3f} (sampling noise alone allows up to ~{noise:.3f} with {chains} chains, "
-        f"plus what {steps} steps have not yet mixed)"
+        f"\ntotal variation to the exact law after {steps} steps: "
+        f"{summary['tv_to_exact_law_after_steps']:.3f} (sampling noise with {len(finals)} chains "
+        f"allows up to {summary['tv_allowed_by_sampling_noise']:.3f}); that law is itself "
+        f"{summary['exact_law_tv_to_target']:.3f} from the target, and converges to it with steps."
     )
+    click.echo(f"every proposal is in {url}: try `qalign sweep status {cfg.name} --database {url}`")
 
 
 if __name__ == "__main__":

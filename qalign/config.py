@@ -173,8 +173,17 @@ class SweepConfig(_Strict):
         return out
 
     def fingerprint(self) -> str:
-        """A hash of everything that defines the sweep's results (not execution settings)."""
-        data = self.model_dump(mode="json", exclude={"execution"})
+        """A hash of everything that defines the sweep's results.
+
+        Where the servers are and how they are called (URLs, timeouts, retries, keys, batch
+        sizes) and execution settings are left out, so a sweep can resume against servers that
+        moved.
+        """
+        transport = {"urls", "timeout", "max_retries", "api_key_env", "batch_size"}
+        data = self.model_dump(
+            mode="json",
+            exclude={"execution": True, "generator": transport, "reward": transport},
+        )
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

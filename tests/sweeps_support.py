@@ -173,13 +173,16 @@ def check_invariants(db_url: str) -> dict[int, tuple[int, ...]]:
             )
         ).all()
     by_chain: dict[int, list[tuple[int, int, list[int], bool]]] = {}
-    for cid, step, cut, new, acc in rows:
+    for cid, step, cut, new, acc, reward, rm_tokens, gen_tokens in rows:
         by_chain.setdefault(cid, []).append((step, cut, new, acc))
+        assert gen_tokens == len(new) > 0
+        if reward is not None:
+            assert rm_tokens is not None and rm_tokens > 0
     for c in chains:
         assert c.status == "done", (c.id, c.status, c.last_error)
         props = by_chain.get(c.id, [])
         assert sorted(p[0] for p in props) == list(range(c.target_steps + 1)), c.id
-        walked = replay(props)
+        walked = replay([p[:4] for p in props])
         assert walked[-1].state == tuple(c.state_tokens), c.id
         assert c.current_step == c.target_steps
         finals[c.id] = tuple(c.state_tokens)

@@ -167,3 +167,41 @@ def test_status_json_and_cancel(sqlite_url, tmp_path, toy):
     assert cancel.returncode == 0 and "cancelled" in cancel.stdout
     missing = cli("sweep", "status", "nope", "--database", sqlite_url)
     assert missing.returncode != 0 and "no sweep 'nope'" in missing.stderr
+
+
+def test_export_writes_jsonl_and_parquet(sqlite_url, tmp_path, toy):
+    import pyarrow.parquet as pq
+
+    cfg = sweep_config("exporty", *toy, prompts=2, beta=1.0, steps=3, chains=2)
+    path = write_config(tmp_path, cfg)
+    assert cli("run", str(path), "--database", sqlite_url, "--quiet").returncode == 0
+    out = cli("export", "exporty", "-o", str(tmp_path / "out"), "--database", sqlite_url)
+    assert out.returncode == 0, out.stderr
+    assert "wrote 4 chains and 16 proposals" in out.stdout
+    lines = (tmp_path / "out" / "proposals.jsonl").read_text().splitlines()
+    assert len(lines) == 16
+    first = json.loads(lines[0])
+    assert first["step"] == 0 and first["accepted"] is True and first["new_tokens"]
+    table = pq.read_table(tmp_path / "out" / "proposals.parquet")
+    assert table.num_rows == 16 and "reward_tokens" in table.column_names
+    assert pq.read_table(tmp_path / "out" / "chains.parquet").num_rows == 4
+
+
+def test_dataset_from_a_local_file_with_limit_and_shuffle():
+    from qalign.config import DatasetConfig
+    from qalign.datasets import load_prompts
+
+    gsm8k = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+    if not gsm8k.exists():
+        pytest.skip("shared/data is not beside this checkout")
+    rows = load_prompts(DatasetConfig(path=str(gsm8k), limit=5, system_prompt="Be brief."))
+    assert len(rows) == 5
+    assert rows[0].messages[0] == {"role": "system", "content": "Be brief."}
+    assert rows[0].messages[1]["content"].startswith("Janet’s ducks lay 16 eggs per day.")
+    assert rows[0].reference is not None and rows[0].reference.endswith("#### 18")
+    shuffled = load_prompts(DatasetConfig(path=str(gsm8k), limit=5, shuffle_seed=3))
+    again = load_prompts(DatasetConfig(path=str(gsm8k), limit=5, shuffle_seed=3))
+    assert [r.row["source_index"] for r in shuffled] == [r.row["source_index"] for r in again]
+    assert [r.row["source_index"] for r in shuffled] != list(range(5))
+    with pytest.raises(ConfigError, match="column"):
+        load_prompts(DatasetConfig(path=str(gsm8k), prompt_field="nope"))

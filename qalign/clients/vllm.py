@@ -523,8 +523,15 @@ class VLLMReward:
         return reply.value
 
     async def score(self, conversations: Sequence[Conversation]) -> list[float]:
+        scores, _ = await self.score_with_tokens(conversations)
+        return scores
+
+    async def score_with_tokens(
+        self, conversations: Sequence[Conversation]
+    ) -> tuple[list[float], list[int]]:
+        """Raw rewards and the number of tokens the reward model read for each conversation."""
         if not conversations:
-            return []
+            return [], []
         ids = await asyncio.gather(*(self.conversation_ids(c) for c in conversations))
         if self.max_model_len is not None:
             for i, seq in enumerate(ids):
@@ -540,7 +547,7 @@ class VLLMReward:
         scores = [s for part in results for s in part]
         if self.activation == "sigmoid":
             scores = [logit(p) for p in scores]
-        return scores
+        return scores, [len(seq) for seq in ids]
 
     async def close(self) -> None:
         await self.pool.close()

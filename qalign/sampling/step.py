@@ -58,6 +58,7 @@ class StepRecord:
     endpoint: str
     gen_latency_s: float
     reward_latency_s: float
+    reward_tokens: int | None = None
 
     @property
     def accepted(self) -> bool:
@@ -89,11 +90,16 @@ async def _sample(
 
 async def _score(
     spec: ChainSpec, gen: Generator, rm: RewardModel, candidate: State
-) -> tuple[float, str, float]:
+) -> tuple[float, str, float, int | None]:
     text = await gen.detokenize(candidate.text_tokens)
+    conv = [reward_conversation(spec.messages, text)]
     t0 = time.perf_counter()
-    (reward,) = await rm.score([reward_conversation(spec.messages, text)])
-    return float(reward), text, time.perf_counter() - t0
+    with_tokens = getattr(rm, "score_with_tokens", None)
+    if with_tokens is not None:
+        (reward,), (n_tokens,) = await with_tokens(conv)
+    else:
+        (reward,), n_tokens = await rm.score(conv), None
+    return float(reward), text, time.perf_counter() - t0, n_tokens
 
 
 async def initial_step(spec: ChainSpec, gen: Generator, rm: RewardModel | None) -> StepRecord:
@@ -101,10 +107,11 @@ async def initial_step(spec: ChainSpec, gen: Generator, rm: RewardModel | None) 
     plan = plan_initial(spec.kernel, spec.seed, spec.key)
     tokens, finish, logprobs, endpoint, gen_latency = await _sample(spec, gen, plan)
     state = make_proposal(plan, None, tokens, finish, math.nan, logprobs)
+    rm_tokens: int | None = None
     if rm is None:
         text, reward, rm_latency = await gen.detokenize(state.text_tokens), math.nan, 0.0
     else:
-        reward, text, rm_latency = await _score(spec, gen, rm, state)
+        reward, text, rm_latency, rm_tokens = await _score(spec, gen, rm, state)
         state = make_proposal(plan, None, tokens, finish, reward, logprobs)
     return StepRecord(
         step=0,
@@ -120,6 +127,7 @@ async def initial_step(spec: ChainSpec, gen: Generator, rm: RewardModel | None) 
         endpoint=endpoint,
         gen_latency_s=gen_latency,
         reward_latency_s=rm_latency,
+        reward_tokens=rm_tokens,
     )
 
 
@@ -138,9 +146,10 @@ async def mcmc_step(
     proposal: State | None = None
     text = ""
     rm_latency = 0.0
+    rm_tokens: int | None = None
     if unusable is None:
         unscored = make_proposal(plan, current, tokens, finish, math.nan, logprobs)
-        reward, text, rm_latency = await _score(spec, gen, rm, unscored)
+        reward, text, rm_latency, rm_tokens = await _score(spec, gen, rm, unscored)
         proposal = make_proposal(plan, current, tokens, finish, reward, logprobs)
     decision = decide(spec.kernel, plan, current, proposal, unusable)
     accepted = decision.accepted and proposal is not None
@@ -158,6 +167,7 @@ async def mcmc_step(
         endpoint=endpoint,
         gen_latency_s=gen_latency,
         reward_latency_s=rm_latency,
+        reward_tokens=rm_tokens,
     )
 
 

@@ -77,8 +77,9 @@ def create_sweep(
 ) -> tuple[int, bool]:
     """Insert a sweep with its runs, prompts and chains; returns (sweep id, created).
 
-    Creating the same sweep again (same name and fingerprint) returns the existing one unchanged;
-    the same name with another config raises `SweepExistsError`.
+    Creating the same sweep again (same name and fingerprint) adds nothing; it only refreshes
+    the server sections (URLs, timeouts), which the fingerprint leaves out. The same name with
+    another config raises `SweepExistsError`.
     """
     with sessions.begin() as s:
         existing = s.execute(select(Sweep).where(Sweep.name == name)).scalar_one_or_none()
@@ -88,6 +89,10 @@ def create_sweep(
                     f"sweep {name!r} already exists with a different config; choose another "
                     "`name` (a sweep's results must come from one config)"
                 )
+            existing.config = config
+            by_index = {r["grid_index"]: r for r in runs}
+            for run in s.execute(select(Run).where(Run.sweep_id == existing.id)).scalars():
+                run.config = by_index.get(run.grid_index, run.config)
             return existing.id, False
         sweep = Sweep(name=name, config=config, config_hash=fingerprint)
         s.add(sweep)

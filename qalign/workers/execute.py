@@ -170,7 +170,7 @@ def _write(rec: StepRecord) -> repo.StepWrite:
         finish=rec.finish.value,
         reject_reason=rec.decision.reason.value if rec.decision.reason else None,
         gen_seed=rec.gen_seed,
-        reward_tokens=None,
+        reward_tokens=rec.reward_tokens,
         gen_latency_ms=rec.gen_latency_s * 1000.0,
         reward_latency_ms=rec.reward_latency_s * 1000.0,
         endpoint=rec.endpoint,
