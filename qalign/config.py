@@ -71,8 +71,11 @@ class RewardConfig(_Strict):
 
 
 class DatasetConfig(_Strict):
-    """Where prompts come from: inline `prompts`, a local file, or a hub dataset id."""
+    """Where prompts come from: a named task (with the paper's templates and answer checks),
+    inline `prompts`, or a generic local file / hub dataset id."""
 
+    task: str | None = None
+    subset: str | None = None
     prompts: list[str] | None = None
     path: str | None = None
     split: str = "test"
@@ -84,8 +87,18 @@ class DatasetConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetConfig:
+        if self.task is not None:
+            from qalign.tasks import TASKS
+
+            if self.task not in TASKS:
+                raise ValueError(f"unknown task {self.task!r}; known: {', '.join(TASKS)}")
+            if self.prompts is not None:
+                raise ValueError("`task` and `prompts` exclude each other")
+            return self
         if (self.prompts is None) == (self.path is None):
-            raise ValueError("give exactly one of `prompts` (a list of questions) or `path`")
+            raise ValueError(
+                "give exactly one of `task`, `prompts` (a list of questions) or `path`"
+            )
         if self.prompts is not None and not self.prompts:
             raise ValueError("`prompts` is empty")
         return self

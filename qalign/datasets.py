@@ -52,8 +52,42 @@ def _load_rows(cfg: DatasetConfig) -> list[dict[str, Any]]:
     return [dict(r) for r in ds]
 
 
+def _task_prompts(cfg: DatasetConfig) -> list[PromptRow]:
+    from qalign.tasks import get_task
+
+    assert cfg.task is not None
+    task = get_task(cfg.task)
+    try:
+        items = task.load(
+            cfg.path, subset=cfg.subset, split=cfg.split, limit=cfg.limit,
+            shuffle_seed=cfg.shuffle_seed,
+        )  # fmt: skip
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(
+            f"dataset: cannot load task {cfg.task!r} from {cfg.path!r}: {exc}"
+        ) from exc
+    if not items:
+        raise ConfigError(f"dataset: task {cfg.task!r} gave no items")
+    out = []
+    for i, item in enumerate(items):
+        msgs = item.messages
+        if cfg.system_prompt and not any(m["role"] == "system" for m in msgs):
+            msgs = [{"role": "system", "content": cfg.system_prompt}, *msgs]
+        out.append(
+            PromptRow(
+                index=i,
+                messages=msgs,
+                reference=item.reference,
+                row={"task": cfg.task, "meta": _jsonable(item.meta)},
+            )
+        )
+    return out
+
+
 def load_prompts(cfg: DatasetConfig) -> list[PromptRow]:
     """Prompt rows for a dataset section: deterministic order, optional seeded shuffle, limit."""
+    if cfg.task is not None:
+        return _task_prompts(cfg)
     if cfg.prompts is not None:
         rows: list[dict[str, Any]] = [{cfg.prompt_field: q} for q in cfg.prompts]
     else:

@@ -128,3 +128,18 @@ def llamacpp_server(port: int = 8081) -> Iterator[str]:
     """Run the real llama.cpp server (xllamacpp, SmolLM2, 4 slots); yield its base URL."""
     with _servers("llamacpp", {"QALIGN_LLAMACPP_PORT": str(port)}):
         yield f"http://{HOST}:{port}"
+
+
+def run_async(coro):  # type: ignore[no-untyped-def]
+    """Run a coroutine to completion, closing the shared aiohttp sessions afterwards."""
+    import asyncio
+
+    from qalign.clients import close_sessions
+
+    async def wrapped():  # type: ignore[no-untyped-def]
+        try:
+            return await coro
+        finally:
+            await close_sessions()
+
+    return asyncio.run(wrapped())

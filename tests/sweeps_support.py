@@ -170,6 +170,9 @@ def check_invariants(db_url: str) -> dict[int, tuple[int, ...]]:
                 Proposal.cut,
                 Proposal.new_tokens,
                 Proposal.accepted,
+                Proposal.reward,
+                Proposal.reward_tokens,
+                Proposal.gen_tokens,
             )
         ).all()
     by_chain: dict[int, list[tuple[int, int, list[int], bool]]] = {}
@@ -182,7 +185,7 @@ def check_invariants(db_url: str) -> dict[int, tuple[int, ...]]:
         assert c.status == "done", (c.id, c.status, c.last_error)
         props = by_chain.get(c.id, [])
         assert sorted(p[0] for p in props) == list(range(c.target_steps + 1)), c.id
-        walked = replay([p[:4] for p in props])
+        walked = replay(props)
         assert walked[-1].state == tuple(c.state_tokens), c.id
         assert c.current_step == c.target_steps
         finals[c.id] = tuple(c.state_tokens)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
-from qalign.clients import LlamaCppGenerator, SamplingParams, close_sessions
+from qalign.clients import LlamaCppGenerator, SamplingParams
 from qalign.core import Finish
 from qalign.toy.server import ToyServerOptions, serve_in_thread
-from tests.realservers import LLAMACPP_MODEL, llamacpp_server, require_or_skip
+from tests.realservers import LLAMACPP_MODEL, llamacpp_server, require_or_skip, run_async
 
 pytestmark = pytest.mark.real_llamacpp
 EOS = 2
@@ -21,16 +19,6 @@ def server():
     require_or_skip("llamacpp")
     with llamacpp_server(port=8081) as url:
         yield url
-
-
-def _run(coro):
-    async def wrapped():
-        try:
-            return await coro
-        finally:
-            await close_sessions()
-
-    return asyncio.run(wrapped())
 
 
 def test_generate_detokenize_and_exact_prefix_continuation(server):
@@ -52,7 +40,7 @@ def test_generate_detokenize_and_exact_prefix_continuation(server):
         )
         return prompt, full, cut, rest, a, b, text, lp
 
-    prompt, full, cut, rest, a, b, text, lp = _run(go())
+    prompt, full, cut, rest, a, b, text, lp = run_async(go())
     assert prompt.count(1) >= 2 and prompt[0] == 1  # <|im_start|> ids from the chat template
     assert full.token_ids[cut:] == rest.token_ids
     assert a.token_ids == b.token_ids

@@ -5,16 +5,15 @@ The generator is served under the seed's model names, so the seed Quick Start ru
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import urllib.request
 
 import pytest
 
-from qalign.clients import SamplingParams, VLLMGenerator, VLLMReward, close_sessions
+from qalign.clients import SamplingParams, VLLMGenerator, VLLMReward
 from qalign.core import Finish
-from tests.realservers import GEN_MODEL, RM_MODEL, require_or_skip, vllm_servers
+from tests.realservers import GEN_MODEL, RM_MODEL, require_or_skip, run_async, vllm_servers
 from tests.test_quickstart import check_quickstart_shape, run_quickstart
 
 pytestmark = pytest.mark.real_vllm
@@ -35,16 +34,6 @@ def _post(url: str, body: dict) -> dict:
     )
     with urllib.request.urlopen(req, timeout=300) as resp:
         return json.loads(resp.read())
-
-
-def _run(coro):
-    async def wrapped():
-        try:
-            return await coro
-        finally:
-            await close_sessions()
-
-    return asyncio.run(wrapped())
 
 
 def test_quickstart_verbatim_returns_real_text_ids_and_raw_rewards(servers):
@@ -105,7 +94,7 @@ def test_continuation_from_an_exact_token_prefix(servers):
         await gen.close()
         return full, cut, rest, sampled, again, text
 
-    full, cut, rest, sampled, again, text = _run(go())
+    full, cut, rest, sampled, again, text = run_async(go())
     assert full.token_ids[cut:] == rest.token_ids  # same ids, no re-tokenisation at the cut
     assert sampled == again or sampled.token_ids == again.token_ids  # seeded sampling replays
     assert text.strip()
@@ -124,7 +113,7 @@ def test_legacy_token_id_path_gives_the_same_ids(servers):
         b = await old.generate(prompt, max_tokens=12, seed=3, params=SamplingParams())
         return a, b
 
-    a, b = _run(go())
+    a, b = run_async(go())
     assert a.token_ids == b.token_ids and a.finish == b.finish
 
 
@@ -138,7 +127,7 @@ def test_reward_client_returns_raw_logits_in_batches(servers):
         ]
         return convs, await rm.score(convs)
 
-    convs, scores = _run(go())
+    convs, scores = run_async(go())
     for conv, score in zip(convs, scores, strict=True):
         raw = _post(
             f"{servers.rm}/classify",

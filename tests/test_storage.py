@@ -117,7 +117,8 @@ def _model_names() -> set[tuple[str, str, str]]:
 
 def test_upgrade_downgrade_upgrade_and_models_match_migrations(engine: Engine) -> None:
     head = head_revision()
-    assert head == "0001_initial"
+    newest = sorted(p.stem for p in (migrate.migrations_dir() / "versions").glob("0*.py"))[-1]
+    assert head == newest
     assert current_revision(engine) is None
 
     upgrade(engine)
@@ -199,9 +200,9 @@ def _newer_migrations(tmp_path: Path) -> Path:
     """A copy of the migrations with one more (empty) revision: what a newer qalign ships."""
     folder = tmp_path / "newer-migrations"
     shutil.copytree(migrate.migrations_dir(), folder, ignore=shutil.ignore_patterns("__pycache__"))
-    (folder / "versions" / "0002_next.py").write_text(
-        'revision = "0002_next"\n'
-        'down_revision = "0001_initial"\n'
+    (folder / "versions" / "9999_next.py").write_text(
+        'revision = "9999_next"\n'
+        f'down_revision = "{head_revision()}"\n'
         "branch_labels = None\n"
         "depends_on = None\n\n\n"
         "def upgrade():\n    pass\n\n\n"
@@ -213,20 +214,21 @@ def _newer_migrations(tmp_path: Path) -> Path:
 def test_check_schema_behind_then_ensure_schema_upgrades(
     migrated: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    this_head = head_revision()
     newer = _newer_migrations(tmp_path)
     with monkeypatch.context() as m:  # this process is now the newer qalign
         m.setattr(migrate, "migrations_dir", lambda: newer)
-        assert head_revision() == "0002_next"
+        assert head_revision() == "9999_next"
         with pytest.raises(SchemaNotAtHeadError) as err:
             check_schema(migrated)
         assert (err.value.state, err.value.current, err.value.head) == (
             "behind",
-            "0001_initial",
-            "0002_next",
+            this_head,
+            "9999_next",
         )
         assert "qalign db upgrade" in str(err.value)
-        assert "current: 0001_initial, head: 0002_next" in str(err.value)
-        assert ensure_schema(migrated) == "0002_next"
+        assert f"current: {this_head}, head: 9999_next" in str(err.value)
+        assert ensure_schema(migrated) == "9999_next"
     # Back to this qalign: the database was migrated by a newer one.
     with pytest.raises(SchemaNotAtHeadError) as err:
         check_schema(migrated)

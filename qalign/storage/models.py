@@ -196,7 +196,26 @@ class Proposal(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+class Answer(Base):
+    """The checked answer of one proposal's response (written by `qalign eval`, replaceable)."""
+
+    __tablename__ = "answers"
+
+    proposal_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"),
+        ForeignKey("proposals.id", ondelete="CASCADE"),
+        primary_key=True,
+    )
+    task: Mapped[str] = mapped_column(String(40))
+    answer: Mapped[str | None] = mapped_column(Text, nullable=True)
+    correct: Mapped[bool] = mapped_column(Boolean)
+    correct_loose: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON)
+    checked_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 __all__ = [
+    "Answer",
     "Base",
     "Chain",
     "ChainStatus",

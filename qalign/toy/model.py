@@ -51,6 +51,8 @@ class ToyModel:
     words: tuple[str, ...] = DEFAULT_WORDS
     logits: tuple[tuple[float, ...], ...] = DEFAULT_LOGITS
     values: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_VALUES))
+    # Extra reward for exact responses (word tuples, EOS ignored): a proxy reward's blind spots.
+    bonus: Mapping[tuple[str, ...], float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         k = len(self.words)
@@ -167,11 +169,16 @@ class ToyModel:
         return total
 
     def reward(self, response: Sequence[int]) -> float:
-        """Sum of per-word values (EOS and unknown tokens are worth 0)."""
+        """Sum of per-word values (EOS and unknown tokens are worth 0), plus any exact bonus."""
         total = 0.0
+        words = []
         for t in response:
             if WORD_BASE <= t < self.vocab_size:
-                total += float(self.values.get(self.words[t - WORD_BASE], 0.0))
+                word = self.words[t - WORD_BASE]
+                words.append(word)
+                total += float(self.values.get(word, 0.0))
+        if self.bonus:
+            total += float(self.bonus.get(tuple(words), 0.0))
         return total
 
     # ---- exact distributions --------------------------------------------------------------

@@ -72,11 +72,7 @@ class ClientCache:
                 cfg["backend"],
                 cfg["urls"],
                 cfg["model"],
-                settings=HttpSettings(
-                    total_timeout=cfg["timeout"],
-                    max_retries=cfg["max_retries"],
-                    api_key=_api_key(cfg),
-                ),
+                settings=_settings(cfg),
                 startup_timeout=self.startup_timeout,
             )
 
@@ -89,11 +85,7 @@ class ClientCache:
                 cfg["format"],
                 cfg["urls"],
                 cfg["model"],
-                settings=HttpSettings(
-                    total_timeout=cfg["timeout"],
-                    max_retries=cfg["max_retries"],
-                    api_key=_api_key(cfg),
-                ),
+                settings=_settings(cfg),
                 batch_size=cfg["batch_size"],
                 startup_timeout=self.startup_timeout,
             )
@@ -107,11 +99,16 @@ class ClientCache:
         self._items.clear()
 
 
-def _api_key(cfg: dict[str, Any]) -> str | None:
+def _settings(cfg: dict[str, Any]) -> HttpSettings:
+    """Transport settings of a generator or reward section; the API key is read from the env."""
     import os
 
     env = cfg.get("api_key_env")
-    return os.environ.get(env) if env else None
+    return HttpSettings(
+        total_timeout=cfg["timeout"],
+        max_retries=cfg["max_retries"],
+        api_key=os.environ.get(env) if env else None,
+    )
 
 
 @dataclass
