@@ -48,6 +48,11 @@ def _register_commands() -> None:
     main.add_command(run_command, name="run")
     main.add_command(worker_command, name="worker")
     main.add_command(export_command, name="export")
+    from qalign.cli_analysis import eval_command, predict_command, report_command
+
+    main.add_command(eval_command, name="eval")
+    main.add_command(predict_command, name="predict")
+    main.add_command(report_command, name="report")
 
 
 _register_commands()

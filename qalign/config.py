@@ -76,9 +76,10 @@ class DatasetConfig(_Strict):
 
     task: str | None = None
     subset: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
     prompts: list[str] | None = None
     path: str | None = None
-    split: str = "test"
+    split: str | None = None
     limit: Annotated[int, Field(ge=1)] | None = None
     shuffle_seed: int | None = None
     prompt_field: str = "question"

@@ -42,7 +42,7 @@ def _load_rows(cfg: DatasetConfig) -> list[dict[str, Any]]:
                 )
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         else:
-            ds = datasets.load_dataset(cfg.path, split=cfg.split)
+            ds = datasets.load_dataset(cfg.path, split=cfg.split or "test")
     except ConfigError:
         raise
     except Exception as exc:
@@ -56,7 +56,10 @@ def _task_prompts(cfg: DatasetConfig) -> list[PromptRow]:
     from qalign.tasks import get_task
 
     assert cfg.task is not None
-    task = get_task(cfg.task)
+    try:
+        task = get_task(cfg.task, **cfg.options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"dataset.options: {exc}") from None
     try:
         items = task.load(
             cfg.path, subset=cfg.subset, split=cfg.split, limit=cfg.limit,
