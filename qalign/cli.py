@@ -14,6 +14,7 @@ class _Group(click.Group):
     """Turns the errors a user can act on into one clean message (no traceback)."""
 
     def invoke(self, ctx: click.Context) -> object:
+        from qalign.analysis.data import AnalysisError
         from qalign.clients.errors import ClientError
         from qalign.config import ConfigError
         from qalign.storage import repo
@@ -22,6 +23,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except (
+            AnalysisError,
             ConfigError,
             ClientError,
             StorageError,
@@ -48,11 +50,12 @@ def _register_commands() -> None:
     main.add_command(run_command, name="run")
     main.add_command(worker_command, name="worker")
     main.add_command(export_command, name="export")
-    from qalign.cli_analysis import eval_command, predict_command, report_command
+    from qalign.cli_analysis import eval_command, predict_command, report_command, score_command
 
     main.add_command(eval_command, name="eval")
     main.add_command(predict_command, name="predict")
     main.add_command(report_command, name="report")
+    main.add_command(score_command, name="score")
 
 
 _register_commands()

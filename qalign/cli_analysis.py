@@ -323,3 +323,54 @@ def report_command(sweeps: tuple[str, ...], out_dir: str, **kw: Any) -> None:
 
 
 __all__ = ["eval_command", "predict_command", "report_command"]
+
+
+@click.command("score")
+@click.argument("sweep")
+@click.option("--reward-url", multiple=True, help="Reward server URL (repeat for replicas).")
+@click.option("--reward-model", help="Served reward model name.")
+@click.option(
+    "--reward-format",
+    type=click.Choice(["vllm", "vllm-pooling", "sglang", "auto"]),
+    default="auto",
+    show_default=True,
+)
+@click.option("--force", is_flag=True, help="Rescore proposals that already have a reward.")
+@click.option("--database", envvar="QALIGN_DATABASE_URL", help=DB_HELP)
+def score_command(
+    sweep: str,
+    reward_url: tuple[str, ...],
+    reward_model: str | None,
+    reward_format: str,
+    force: bool,
+    database: str | None,
+) -> None:
+    """Reward-score a sweep's stored samples; each distinct response is scored once per prompt.
+
+    Uses the sweep's own reward section unless --reward-url and --reward-model are given.
+
+    Example: qalign score gsm8k-ancestral --reward-url http://rm:8001 --reward-model skywork-rm
+    """
+    from qalign.analysis.score import run_score
+    from qalign.storage import repo
+
+    if bool(reward_url) != bool(reward_model):
+        raise click.UsageError("--reward-url and --reward-model go together")
+    section = None
+    if reward_url:
+        section = {
+            "format": reward_format,
+            "urls": list(reward_url),
+            "model": reward_model,
+            "timeout": 300.0,
+            "max_retries": 8,
+            "batch_size": 32,
+            "api_key_env": None,
+        }
+    sessions = _sessions(database, upgrade=False)
+    sweep_id = repo.find_sweep(sessions, sweep).id
+    counts = run_score(sessions, sweep_id, section, force=force)
+    click.echo(
+        f"scored {counts['proposals']} proposal(s) with {counts['distinct']} distinct "
+        "(prompt, response) pair(s)"
+    )

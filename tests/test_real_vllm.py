@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -135,3 +136,40 @@ def test_reward_client_returns_raw_logits_in_batches(servers):
         )["data"][0]["probs"][0]
         assert score == pytest.approx(raw, rel=1e-5)
     assert any(abs(s) > 1.0 for s in scores)  # a probability would lie in [0, 1]
+
+
+def test_small_gsm8k_sweep_through_eval_and_report(servers, tmp_path):
+    """The whole analysis path on a real model: run, eval, predict, report (accuracy is whatever
+    SmolLM2-135M gets)."""
+    import yaml
+
+    from tests.sweeps_support import cli
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+    db = f"sqlite:///{tmp_path}/gsm8k.sqlite"
+    common = {
+        "generator": {"urls": [servers.gen], "model": "smollm2", "timeout": 600},
+        "reward": {"urls": [servers.rm], "model": RM_MODEL, "format": "vllm", "timeout": 600},
+        "dataset": {"task": "gsm8k", "path": str(data), "limit": 2},
+        "max_new_tokens": 48,
+        "max_prompt_length": 512,
+        "seed": 1,
+    }
+    sweeps = {
+        "real-bon": {**common, "method": "ancestral", "chains_per_prompt": 3},
+        "real-qalign": {**common, "method": "qalign", "beta": 1.0, "steps": 2},
+    }
+    for name, cfg in sweeps.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"name": name, **cfg}))
+        out = cli("run", str(path), "--database", db, "--quiet", timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+    out = cli("eval", "real-bon", "real-qalign", "--database", db)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report_dir = tmp_path / "report"
+    out = cli("report", "real-bon", "real-qalign", "-o", str(report_dir), "--database", db)
+    assert out.returncode == 0, out.stderr[-3000:]
+    md = (report_dir / "report.md").read_text()
+    pngs = sorted(report_dir.glob("*.png"))
+    assert pngs and all(p.stat().st_size > 1000 and p.name in md for p in pngs)
+    assert "real-bon" in md or "smollm2" in md

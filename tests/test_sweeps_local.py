@@ -205,3 +205,38 @@ def test_dataset_from_a_local_file_with_limit_and_shuffle():
     assert [r.row["source_index"] for r in shuffled] != list(range(5))
     with pytest.raises(ConfigError, match="column"):
         load_prompts(DatasetConfig(path=str(gsm8k), prompt_field="nope"))
+
+
+def test_score_fills_rewards_of_unscored_samples_once_per_distinct_response(
+    sqlite_url, tmp_path, toy
+):
+    from qalign.storage.models import Chain, Proposal
+
+    cfg = sweep_config("unscored", *toy, prompts=2, chains=40)
+    cfg["method"] = "ancestral"
+    cfg.pop("reward")
+    cfg.pop("steps")
+    cfg.pop("beta")
+    path = write_config(tmp_path, cfg)
+    assert cli("run", str(path), "--database", sqlite_url, "--quiet").returncode == 0
+    sessions = make_sessionmaker(make_engine(sqlite_url))
+    with sessions() as s:
+        assert all(r is None for r in s.execute(select(Proposal.reward)).scalars())
+    no_rm = cli("score", "unscored", "--database", sqlite_url)
+    assert no_rm.returncode != 0 and "no reward model" in no_rm.stderr
+    out = cli(
+        "score", "unscored", "--database", sqlite_url,
+        "--reward-url", toy[1], "--reward-model", "toy-rm", "--reward-format", "vllm",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    scored, distinct = [int(w) for w in out.stdout.split() if w.isdigit()][:2]
+    assert scored == 80 and distinct < scored  # toy responses repeat: scored once per prompt
+    with sessions() as s:
+        rewards = s.execute(select(Proposal.reward, Proposal.reward_tokens)).all()
+        assert all(r is not None and n and n > 0 for r, n in rewards)
+        assert all(r is not None for r in s.execute(select(Chain.state_reward)).scalars())
+    again = cli(
+        "score", "unscored", "--database", sqlite_url,
+        "--reward-url", toy[1], "--reward-model", "toy-rm",
+    )  # fmt: skip
+    assert "scored 0 proposal(s)" in again.stdout

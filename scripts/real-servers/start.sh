@@ -134,9 +134,12 @@ start_vllm() {
   local gen_names rm_names
   read -r -a gen_names <<< "$GEN_NAMES"
   read -r -a rm_names <<< "$RM_NAMES"
+  # A large token budget per engine step keeps prompts from being prefilled in chunks: vLLM 0.32's
+  # CPU path crashes the engine ("CPU Generator does not use offset") when a seeded request's
+  # partial-prefill sample is rewound, which many concurrent seeded requests trigger.
   launch vllm-gen "$GEN_PORT" "$V/bin/python" -m vllm.entrypoints.openai.api_server \
     --model "$M/smollm2-135m-instruct" --served-model-name "${gen_names[@]}" --port "$GEN_PORT" \
-    "${common[@]}" "${extra[@]}"
+    --max-num-batched-tokens 65536 "${common[@]}" "${extra[@]}"
   # LlamaForSequenceClassification resolves to the pooling runner (task "classify") by itself;
   # --runner pooling just makes that explicit.
   launch vllm-rm "$RM_PORT" "$V/bin/python" -m vllm.entrypoints.openai.api_server \
