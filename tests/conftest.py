@@ -73,3 +73,15 @@ def db_url(request: pytest.FixtureRequest) -> str:
     name = "sqlite_url" if request.param == "sqlite" else "pg_url"
     url: str = request.getfixturevalue(name)
     return url
+
+
+@pytest.fixture(scope="module")
+def toy() -> Iterator[tuple[str, str]]:
+    """A toy generator ("toy-lm") and a toy reward model ("toy-rm") on free ports: their URLs."""
+    from qalign.toy.server import ToyServerOptions, serve_in_thread
+
+    with (
+        serve_in_thread(ToyServerOptions(served_model_names=("toy-lm",), port=0)) as g,
+        serve_in_thread(ToyServerOptions(served_model_names=("toy-rm",), port=0)) as r,
+    ):
+        yield g.url, r.url

@@ -22,7 +22,6 @@ from qalign.cli_analysis import eval_command, predict_command, report_command
 from qalign.storage import make_engine, make_sessionmaker
 from qalign.storage.models import Answer, Chain, Proposal, Run
 from qalign.tasks.base import Check, TaskItem
-from qalign.toy.server import ToyServerOptions, serve_in_thread
 from tests.sweeps_support import cli, sweep_config, write_config
 
 TASK = "tests.test_analysis_cli:FirstWordYes"
@@ -57,15 +56,6 @@ class Broken:
 
     def check(self, response: str, item: TaskItem) -> Check:
         raise RuntimeError("checker bug")
-
-
-@pytest.fixture(scope="module")
-def toy():
-    with (
-        serve_in_thread(ToyServerOptions(served_model_names=("toy-lm",), port=0)) as g,
-        serve_in_thread(ToyServerOptions(served_model_names=("toy-rm",), port=0)) as r,
-    ):
-        yield g.url, r.url
 
 
 def _run_sweeps(url: str, tmp_path: Path, toy: tuple[str, str]) -> None:

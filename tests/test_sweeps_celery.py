@@ -24,7 +24,6 @@ from qalign.toy.exact import (
     tv_bound,
 )
 from qalign.toy.model import ToyModel
-from qalign.toy.server import ToyServerOptions, serve_in_thread
 from qalign.workers.execute import Result, Services, advance
 from tests.sweeps_support import (
     Broker,
@@ -37,15 +36,6 @@ from tests.sweeps_support import (
     workers,
     write_config,
 )
-
-
-@pytest.fixture(scope="module")
-def toy():
-    with (
-        serve_in_thread(ToyServerOptions(served_model_names=("toy-lm",), port=0)) as g,
-        serve_in_thread(ToyServerOptions(served_model_names=("toy-rm",), port=0)) as r,
-    ):
-        yield g.url, r.url
 
 
 @pytest.fixture
@@ -124,7 +114,7 @@ def test_redis_flushed_mid_run_then_resume_completes(pg_url, tmp_path, toy, brok
         assert cli("sweep", "run", "flush", "--database", pg_url, env=broker.env()).returncode == 0
         while steps_committed(pg_url) < 20:
             time.sleep(0.05)
-        broker.redis.flushdb()  # the broker loses every message
+        broker.flush()  # the broker loses every message of this sweep (queue and unacked)
         time.sleep(2.0)
         assert steps_committed(pg_url) < total * 9
         out = cli("sweep", "resume", "flush", "--database", pg_url, env=broker.env())

@@ -30,15 +30,6 @@ from tests.sweeps_support import (
 )
 
 
-@pytest.fixture(scope="module")
-def toy():
-    with (
-        serve_in_thread(ToyServerOptions(served_model_names=("toy-lm",), port=0)) as g,
-        serve_in_thread(ToyServerOptions(served_model_names=("toy-rm",), port=0)) as r,
-    ):
-        yield g.url, r.url
-
-
 def test_qalign_run_on_sqlite_and_rerun_resumes(sqlite_url, tmp_path, toy):
     cfg = sweep_config("local", *toy, prompts=8, beta=[0.5, 1.0], steps=10, chains=2)
     path = write_config(tmp_path, cfg)
