@@ -120,6 +120,11 @@ def print_status(sessions: Any, sweep_id: int, as_json: bool) -> None:
 @click.option("--retry-failed", is_flag=True, help="Give failed chains another round of attempts.")
 @click.option("--no-check", is_flag=True, help="Do not contact the servers before writing.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option(
+    "--lockstep",
+    is_flag=True,
+    help="Make every chain wait for the slowest at each step (for benchmarks only).",
+)
 def run_command(
     config_path: str,
     database: str | None,
@@ -127,6 +132,7 @@ def run_command(
     retry_failed: bool,
     no_check: bool,
     quiet: bool,
+    lockstep: bool,
 ) -> None:
     """Create the sweep in CONFIG (if new) and run it here, with no broker.
 
@@ -158,6 +164,7 @@ def run_command(
                 max_attempts=cfg.execution.max_attempts,
                 retry_failed=retry_failed,
                 progress=not quiet,
+                lockstep=lockstep,
             )
         finally:
             await services.close()

@@ -231,3 +231,26 @@ def test_score_fills_rewards_of_unscored_samples_once_per_distinct_response(
         "--reward-url", toy[1], "--reward-model", "toy-rm",
     )  # fmt: skip
     assert "scored 0 proposal(s)" in again.stdout
+
+
+def test_lockstep_mode_gives_the_same_chains(sqlite_url, tmp_path, toy):
+    """Lock-step only changes scheduling: the counter-based randomness makes every decision the
+    same, so both modes store identical proposals."""
+    from qalign.storage.models import Proposal
+
+    results = []
+    for mode in ("free", "lockstep"):
+        url = sqlite_url.replace(".sqlite", f"-{mode}.sqlite")
+        cfg = sweep_config("lock", *toy, prompts=2, beta=1.0, steps=5, chains=3)
+        path = write_config(tmp_path, cfg)
+        extra = ["--lockstep"] if mode == "lockstep" else []
+        out = cli("run", str(path), "--database", url, "--quiet", *extra)
+        assert out.returncode == 0, out.stderr
+        check_invariants(url)
+        with make_sessionmaker(make_engine(url))() as s:
+            rows = s.execute(
+                select(Proposal.chain_id, Proposal.step, Proposal.cut, Proposal.new_tokens,
+                       Proposal.accepted).order_by(Proposal.chain_id, Proposal.step)
+            ).all()  # fmt: skip
+        results.append([(r[0], r[1], r[2], tuple(r[3]), r[4]) for r in rows])
+    assert results[0] == results[1]

@@ -61,8 +61,13 @@ async def run_locally(
     retry_failed: bool = False,
     progress: bool = True,
     backoff: float = 1.0,
+    lockstep: bool = False,
 ) -> LocalReport:
-    """Advance every unfinished chain of the sweep to its last step."""
+    """Advance every unfinished chain of the sweep to its last step.
+
+    With `lockstep`, every chain waits for the slowest one at each step, as the reference
+    implementation does; it exists to measure what independent chains gain.
+    """
     sessions = services.sessions
     await services.db(repo.reactivate_sweep, sessions, sweep_id)
     todo = await services.db(repo.unfinished_chains, sessions, sweep_id, retry_failed)
@@ -102,8 +107,39 @@ async def run_locally(
                     report.duplicates += 1
                 return
 
+    async def lockstep_all() -> None:
+        pending = dict(todo)
+        while pending:
+            level = min(pending.values())
+            batch = [cid for cid, step in pending.items() if step == level]
+
+            async def one(cid: int, level: int = level) -> None:
+                async with limiter:
+                    out = await advance(services, cid, level, max_attempts=max_attempts)
+                report.results[out.result.value] += 1
+                if out.result is Result.COMMITTED:
+                    report.committed += 1
+                    if cid in run_of:
+                        bars[run_of[cid]].update(1)
+                    if out.next_step is None:
+                        del pending[cid]
+                    else:
+                        pending[cid] = out.next_step
+                elif out.result is Result.FAILED and out.chain_status == ChainStatus.PENDING.value:
+                    report.failures += 1  # retried at this level in the next round
+                else:
+                    if out.result is Result.FAILED:
+                        report.failures += 1
+                        report.failed_chains.append(cid)
+                    del pending[cid]
+
+            await asyncio.gather(*(one(cid) for cid in batch))
+
     try:
-        await asyncio.gather(*(drive(cid, step) for cid, step in todo))
+        if lockstep:
+            await lockstep_all()
+        else:
+            await asyncio.gather(*(drive(cid, step) for cid, step in todo))
     finally:
         for bar in bars.values():
             bar.close()
