@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from qalign.clients import HttpSettings, make_generator, make_reward
 from qalign.clients.base import Generator, RewardModel, SamplingParams
+from qalign.clients.cache import CachedReward
 from qalign.clients.errors import ClientError, PromptTooLongError
 from qalign.core import KernelConfig, Method, index_distribution
 from qalign.sampling.step import ChainSpec, StepRecord, initial_step, mcmc_step
@@ -81,13 +82,15 @@ class ClientCache:
 
     async def reward(self, cfg: dict[str, Any]) -> RewardModel:
         def build() -> RewardModel:
-            return make_reward(
-                cfg["format"],
-                cfg["urls"],
-                cfg["model"],
-                settings=_settings(cfg),
-                batch_size=cfg["batch_size"],
-                startup_timeout=self.startup_timeout,
+            return CachedReward(
+                make_reward(
+                    cfg["format"],
+                    cfg["urls"],
+                    cfg["model"],
+                    settings=_settings(cfg),
+                    batch_size=cfg["batch_size"],
+                    startup_timeout=self.startup_timeout,
+                )
             )
 
         client: RewardModel = await self._get("rm", cfg, build)

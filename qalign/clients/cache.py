@@ -1,0 +1,74 @@
+"""A reward model wrapper that never scores the same conversation twice in a process.
+
+MCMC proposals often reproduce a response already scored (a cut near the end that regenerates
+the same tokens, or a chain returning to an earlier state); each distinct conversation costs one
+reward-model evaluation per process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from qalign.clients.base import Conversation, RewardModel
+
+
+def _key(conv: Conversation) -> bytes:
+    return hashlib.blake2b(
+        json.dumps(conv, sort_keys=True, ensure_ascii=False).encode(), digest_size=16
+    ).digest()
+
+
+class CachedReward:
+    """LRU cache of (score, reward tokens) keyed by the whole conversation."""
+
+    def __init__(self, inner: RewardModel, maxsize: int = 100_000) -> None:
+        if maxsize < 1:
+            raise ValueError(f"maxsize must be >= 1, got {maxsize}")
+        self.inner = inner
+        self.model = inner.model
+        self.maxsize = maxsize
+        self.hits = 0
+        self.misses = 0
+        self._items: OrderedDict[bytes, tuple[float, int | None]] = OrderedDict()
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def score(self, conversations: Sequence[Conversation]) -> list[float]:
+        scores, _ = await self.score_with_tokens(conversations)
+        return scores
+
+    async def score_with_tokens(
+        self, conversations: Sequence[Conversation]
+    ) -> tuple[list[float], list[int | None]]:
+        keys = [_key(c) for c in conversations]
+        missing = [i for i, k in enumerate(keys) if k not in self._items]
+        # several copies of one new conversation in a batch are scored once
+        first: dict[bytes, int] = {}
+        for i in missing:
+            first.setdefault(keys[i], i)
+        todo = list(first.values())
+        self.hits += len(conversations) - len(todo)
+        self.misses += len(todo)
+        if todo:
+            batch = [conversations[i] for i in todo]
+            with_tokens = getattr(self.inner, "score_with_tokens", None)
+            if with_tokens is not None:
+                scores, counts = await with_tokens(batch)
+            else:
+                scores, counts = await self.inner.score(batch), [None] * len(batch)
+            for i, score, count in zip(todo, scores, counts, strict=True):
+                self._items[keys[i]] = (float(score), count)
+                if len(self._items) > self.maxsize:
+                    self._items.popitem(last=False)
+        out = []
+        for k in keys:
+            self._items.move_to_end(k)
+            out.append(self._items[k])
+        return [s for s, _ in out], [n for _, n in out]
