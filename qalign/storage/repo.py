@@ -8,6 +8,7 @@ compare-and-set on `current_step`).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -173,7 +174,11 @@ def list_sweeps(sessions: Sessions) -> list[Sweep]:
 
 @dataclass(frozen=True)
 class StepContext:
-    """Everything a worker needs to take the next step of a chain (read in one transaction)."""
+    """Everything a worker needs to take the next step of a chain.
+
+    Cancelling a sweep marks its unfinished chains `cancelled`, so the chain's own status is
+    enough to skip work; the sweep row is not read on the hot path.
+    """
 
     chain_id: int
     run_id: int
@@ -184,7 +189,6 @@ class StepContext:
     current_step: int
     status: str
     attempts: int
-    sweep_status: str
     run_config: dict[str, Any]
     messages: list[dict[str, Any]]
     prompt_ids: list[int] | None
@@ -192,48 +196,83 @@ class StepContext:
     state_text: str | None
 
 
-def load_step_context(sessions: Sessions, chain_id: int) -> StepContext:
+_CHAIN_COLUMNS = (
+    Chain.run_id,
+    Chain.prompt_id,
+    Chain.rng_key,
+    Chain.seed,
+    Chain.target_steps,
+    Chain.current_step,
+    Chain.status,
+    Chain.attempts,
+    Chain.state_tokens,
+    Chain.state_logprobs,
+    Chain.state_reward,
+    Chain.state_finish,
+    Chain.state_text,
+)
+
+
+@functools.lru_cache(maxsize=4096)
+def _static_context(
+    sessions: Sessions, run_id: int, prompt_id: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    # A run's config and a prompt's messages never change after creation (resume only refreshes
+    # server locations, which a worker process picks up when it restarts).
     with sessions() as s:
-        row = s.execute(
-            select(Chain, Run, Prompt, Sweep.status)
-            .join(Run, Run.id == Chain.run_id)
-            .join(Prompt, Prompt.id == Chain.prompt_id)
-            .join(Sweep, Sweep.id == Run.sweep_id)
-            .where(Chain.id == chain_id)
-        ).one_or_none()
+        config = s.execute(select(Run.config).where(Run.id == run_id)).scalar_one()
+        messages = s.execute(select(Prompt.messages).where(Prompt.id == prompt_id)).scalar_one()
+    return config, messages
+
+
+# keyed by the sessionmaker itself (not its id, which Python may reuse for another database)
+_encodings: dict[tuple[Sessions, int, str], list[int]] = {}
+
+
+def load_step_context(sessions: Sessions, chain_id: int) -> StepContext:
+    """One primary-key read of the chain; run config, messages and encodings come from caches."""
+    with sessions() as s:
+        row = s.execute(select(*_CHAIN_COLUMNS).where(Chain.id == chain_id)).one_or_none()
         if row is None:
             raise LookupError(f"chain {chain_id} does not exist")
-        chain, run, prompt, sweep_status = row
-        enc = s.execute(
-            select(PromptEncoding.token_ids).where(
-                PromptEncoding.prompt_id == prompt.id, PromptEncoding.model == run.generator_model
-            )
-        ).scalar_one_or_none()
-        state = None
-        if chain.state_tokens is not None:
-            state = State(
-                tokens=tuple(chain.state_tokens),
-                reward=math.nan if chain.state_reward is None else chain.state_reward,
-                finish=Finish(chain.state_finish or Finish.STOP.value),
-                logprobs=None if chain.state_logprobs is None else tuple(chain.state_logprobs),
-            )
-        return StepContext(
-            chain_id=chain.id,
-            run_id=run.id,
-            prompt_id=prompt.id,
-            rng_key=chain.rng_key,
-            seed=chain.seed,
-            target_steps=chain.target_steps,
-            current_step=chain.current_step,
-            status=chain.status,
-            attempts=chain.attempts,
-            sweep_status=sweep_status,
-            run_config=run.config,
-            messages=prompt.messages,
-            prompt_ids=None if enc is None else list(enc),
-            state=state,
-            state_text=chain.state_text,
+        (run_id, prompt_id, rng_key, seed, target, current, status, attempts,
+         tokens, logprobs, reward, finish, text) = row  # fmt: skip
+        config, messages = _static_context(sessions, run_id, prompt_id)
+        key = (sessions, prompt_id, config["generator_model"])
+        enc = _encodings.get(key)
+        if enc is None:
+            stored = s.execute(
+                select(PromptEncoding.token_ids).where(
+                    PromptEncoding.prompt_id == prompt_id,
+                    PromptEncoding.model == config["generator_model"],
+                )
+            ).scalar_one_or_none()
+            if stored is not None:
+                enc = _encodings[key] = list(stored)
+    state = None
+    if tokens is not None:
+        state = State(
+            tokens=tuple(tokens),
+            reward=math.nan if reward is None else reward,
+            finish=Finish(finish or Finish.STOP.value),
+            logprobs=None if logprobs is None else tuple(logprobs),
         )
+    return StepContext(
+        chain_id=chain_id,
+        run_id=run_id,
+        prompt_id=prompt_id,
+        rng_key=rng_key,
+        seed=seed,
+        target_steps=target,
+        current_step=current,
+        status=status,
+        attempts=attempts,
+        run_config=config,
+        messages=messages,
+        prompt_ids=enc,
+        state=state,
+        state_text=text,
+    )
 
 
 def save_encoding(sessions: Sessions, prompt_id: int, model: str, token_ids: Sequence[int]) -> None:

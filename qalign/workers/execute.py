@@ -24,7 +24,7 @@ from qalign.clients.errors import ClientError, PromptTooLongError
 from qalign.core import KernelConfig, Method, index_distribution
 from qalign.sampling.step import ChainSpec, StepRecord, initial_step, mcmc_step
 from qalign.storage import repo
-from qalign.storage.models import ChainStatus, SweepStatus
+from qalign.storage.models import ChainStatus
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -183,7 +183,7 @@ def _write(rec: StepRecord) -> repo.StepWrite:
 async def advance(services: Services, chain_id: int, step: int, *, max_attempts: int) -> Outcome:
     """Take step `step` of chain `chain_id` if it is the chain's next step; see module doc."""
     ctx = await services.db(repo.load_step_context, services.sessions, chain_id)
-    if ctx.status in repo.FINAL or ctx.sweep_status != SweepStatus.ACTIVE.value:
+    if ctx.status in repo.FINAL:
         return Outcome(chain_id, step, Result.SKIPPED, chain_status=ctx.status)
     if ctx.current_step >= step:
         return Outcome(chain_id, step, Result.DUPLICATE, chain_status=ctx.status)
