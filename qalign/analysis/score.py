@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from qalign.analysis.data import AnalysisError
+from qalign.clients.base import score_with_tokens
 from qalign.sampling.step import reward_conversation
 from qalign.storage.models import Chain, Prompt, Proposal, Run
 from qalign.storage.repo import Sessions
@@ -70,11 +71,7 @@ async def score_sweep(
         for start in range(0, len(keys), BATCH):
             part = keys[start : start + BATCH]
             convs = [reward_conversation(messages[pid], text) for pid, text in part]
-            with_tokens = getattr(rm, "score_with_tokens", None)
-            if with_tokens is not None:
-                scores, counts = await with_tokens(convs)
-            else:
-                scores, counts = await rm.score(convs), [None] * len(convs)
+            scores, counts = await score_with_tokens(rm, convs)
             with sessions.begin() as s:
                 for key, value, n_tok in zip(part, scores, counts, strict=True):
                     finite = value if value == value else None  # NaN is stored as NULL

@@ -83,3 +83,15 @@ class RewardModel(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+async def score_with_tokens(
+    rm: RewardModel, conversations: Sequence[Conversation]
+) -> tuple[list[float], list[int | None]]:
+    """Rewards plus the tokens the reward model read for each conversation, where the client
+    reports them (vLLM's does); None counts otherwise."""
+    detailed = getattr(rm, "score_with_tokens", None)
+    if detailed is not None:
+        scores, counts = await detailed(conversations)
+        return list(scores), list(counts)
+    return await rm.score(conversations), [None] * len(conversations)

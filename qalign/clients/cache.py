@@ -12,7 +12,7 @@ import json
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from qalign.clients.base import Conversation, RewardModel
+from qalign.clients.base import Conversation, RewardModel, score_with_tokens
 
 
 def _key(conv: Conversation) -> bytes:
@@ -58,11 +58,7 @@ class CachedReward:
         self.misses += len(todo)
         if todo:
             batch = [conversations[i] for i in todo]
-            with_tokens = getattr(self.inner, "score_with_tokens", None)
-            if with_tokens is not None:
-                scores, counts = await with_tokens(batch)
-            else:
-                scores, counts = await self.inner.score(batch), [None] * len(batch)
+            scores, counts = await score_with_tokens(self.inner, batch)
             for i, score, count in zip(todo, scores, counts, strict=True):
                 self._items[keys[i]] = (float(score), count)
                 if len(self._items) > self.maxsize:

@@ -51,13 +51,6 @@ def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
     if threading.current_thread() is _thread:
         coro.close()
         raise RuntimeError("run_sync() was called from the qalign loop thread; await instead")
-    try:
-        running = asyncio.get_running_loop()
-    except RuntimeError:
-        running = None
-    if running is loop:  # pragma: no cover - guarded above
-        coro.close()
-        raise RuntimeError("run_sync() cannot block the loop it runs on")
     return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
 
 

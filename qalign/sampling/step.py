@@ -11,7 +11,13 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 
-from qalign.clients.base import Conversation, Generator, RewardModel, SamplingParams
+from qalign.clients.base import (
+    Conversation,
+    Generator,
+    RewardModel,
+    SamplingParams,
+    score_with_tokens,
+)
 from qalign.core import (
     Decision,
     Finish,
@@ -94,11 +100,7 @@ async def _score(
     text = await gen.detokenize(candidate.text_tokens)
     conv = [reward_conversation(spec.messages, text)]
     t0 = time.perf_counter()
-    with_tokens = getattr(rm, "score_with_tokens", None)
-    if with_tokens is not None:
-        (reward,), (n_tokens,) = await with_tokens(conv)
-    else:
-        (reward,), n_tokens = await rm.score(conv), None
+    (reward,), (n_tokens,) = await score_with_tokens(rm, conv)
     return float(reward), text, time.perf_counter() - t0, n_tokens
 
 

@@ -59,15 +59,20 @@ def enqueue_unfinished(
 ) -> int:
     """Send the next step of every unfinished chain (start, or resume after any loss)."""
     repo.reactivate_sweep(sessions, sweep_id)
-    todo = repo.unfinished_chains(sessions, sweep_id, retry_failed=retry_failed)
-    n = dispatcher.enqueue_many(todo)
-    repo.mark_enqueued(sessions, [cid for cid, _ in todo])
-    return n
+    return _send(sessions, dispatcher, repo.unfinished_chains(sessions, sweep_id, retry_failed))
 
 
 def reap(sessions: repo.Sessions, dispatcher: CeleryDispatcher, stall_timeout: float) -> int:
     """Re-send the next step of chains untouched for `stall_timeout` seconds."""
-    todo = repo.stalled_chains(sessions, dt.timedelta(seconds=stall_timeout))
+    return _send(
+        sessions, dispatcher, repo.stalled_chains(sessions, dt.timedelta(seconds=stall_timeout))
+    )
+
+
+def _send(
+    sessions: repo.Sessions, dispatcher: CeleryDispatcher, todo: list[tuple[int, int]]
+) -> int:
+    """Enqueue (chain, step) hints and touch the chains so the reaper does not resend them."""
     n = dispatcher.enqueue_many(todo)
     repo.mark_enqueued(sessions, [cid for cid, _ in todo])
     return n

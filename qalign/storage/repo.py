@@ -291,15 +291,6 @@ def save_encoding(sessions: Sessions, prompt_id: int, model: str, token_ids: Seq
         pass  # another worker stored the same encoding first; it is identical by construction
 
 
-def mark_running(sessions: Sessions, chain_id: int) -> None:
-    with sessions.begin() as s:
-        s.execute(
-            update(Chain)
-            .where(Chain.id == chain_id, Chain.status.not_in(FINAL))
-            .values(status=ChainStatus.RUNNING.value, updated_at=utcnow())
-        )
-
-
 @dataclass(frozen=True)
 class StepWrite:
     """The proposal and the chain's new state for one committed step."""
