@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -26,7 +27,7 @@ from qalign.storage import ensure_schema, make_engine, make_sessionmaker
 from qalign.toy.server import ToyServerOptions, serve_in_thread
 from qalign.workers.execute import Services
 
-OUT = Path(__file__).resolve().parent / "results"
+OUT = Path(os.environ.get("QALIGN_BENCH_OUT") or Path(__file__).resolve().parent / "results")
 PROFILE = {"capacity": 64, "latency_base": 0.02, "latency_per_token": 0.1}
 MAX_NEW = 8
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import tempfile
 import time
@@ -36,7 +37,7 @@ from qalign.toy.model import EOS, WORD_BASE, ToyModel
 from qalign.toy.server import ToyServerOptions, serve_in_thread
 from qalign.workers.execute import Services
 
-OUT = Path(__file__).resolve().parent / "results"
+OUT = Path(os.environ.get("QALIGN_BENCH_OUT") or Path(__file__).resolve().parent / "results")
 MAX_NEW = 3
 BETA = 1.0
 HACK = ("so", "so", "so")

@@ -53,7 +53,7 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = Path(__file__).resolve().parent / "results"
+OUT = Path(os.environ.get("QALIGN_BENCH_OUT") or Path(__file__).resolve().parent / "results")
 QALIGN = [sys.executable, "-m", "qalign.cli"]
 PG_ADMIN = os.environ.get("QALIGN_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS = os.environ.get("QALIGN_BENCH_REDIS", "redis://127.0.0.1:6379/0")
@@ -383,7 +383,7 @@ def main() -> None:
     print(
         f"\n{args.chains} chains x {steps} steps (+ initial sample), max_new_tokens "
         f"{args.max_new_tokens}, C={CAPACITY}, median of {reps}; "
-        f"{doc['elapsed_seconds']:.0f} s total; wrote {path.relative_to(ROOT)}"
+        f"{doc['elapsed_seconds']:.0f} s total; wrote {path}"
     )
 
 

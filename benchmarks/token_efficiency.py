@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -30,7 +31,7 @@ from qalign.storage.models import Proposal
 from qalign.toy.server import ToyServerOptions, serve_in_thread
 from qalign.workers.execute import Services
 
-OUT = Path(__file__).resolve().parent / "results"
+OUT = Path(os.environ.get("QALIGN_BENCH_OUT") or Path(__file__).resolve().parent / "results")
 
 
 def main() -> None:

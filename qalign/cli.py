@@ -3,34 +3,54 @@
 from __future__ import annotations
 
 import collections
+import importlib
 import json
+import sys
 
 import click
 
 from qalign import __version__
+
+# Errors a user can act on, as (module, class). Importing these modules up front (pydantic,
+# aiohttp, numpy through the analysis code) cost `qalign sweep status` most of its 1 s start-up;
+# an error can only be raised once its module is loaded, so only loaded modules are consulted.
+_USER_ERRORS = (
+    ("qalign.analysis.data", "AnalysisError"),
+    ("qalign.config", "ConfigError"),
+    ("qalign.clients.errors", "ClientError"),
+    ("qalign.storage.errors", "StorageError"),
+    ("qalign.storage.repo", "SweepExistsError"),
+    ("qalign.storage.repo", "SweepNotFoundError"),
+)
+
+# Commands whose modules are heavy and which most invocations do not need (the toy server pulls
+# in aiohttp's web framework): imported when named, or when every command is listed (--help).
+_LAZY_COMMANDS = {"toy-server": ("qalign.toy.cli", "toy_server_command")}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    return tuple(getattr(sys.modules[m], c) for m, c in _USER_ERRORS if m in sys.modules)
 
 
 class _Group(click.Group):
     """Turns the errors a user can act on into one clean message (no traceback)."""
 
     def invoke(self, ctx: click.Context) -> object:
-        from qalign.analysis.data import AnalysisError
-        from qalign.clients.errors import ClientError
-        from qalign.config import ConfigError
-        from qalign.storage import repo
-        from qalign.storage.errors import StorageError
-
         try:
             return super().invoke(ctx)
-        except (
-            AnalysisError,
-            ConfigError,
-            ClientError,
-            StorageError,
-            repo.SweepExistsError,
-            repo.SweepNotFoundError,
-        ) as exc:
-            raise click.ClickException(str(exc)) from None
+        except Exception as exc:
+            if isinstance(exc, _user_errors()):
+                raise click.ClickException(str(exc)) from None
+            raise
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in _LAZY_COMMANDS and cmd_name not in self.commands:
+            module, attr = _LAZY_COMMANDS[cmd_name]
+            self.add_command(getattr(importlib.import_module(module), attr), name=cmd_name)
+        return super().get_command(ctx, cmd_name)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -42,9 +62,7 @@ def main() -> None:
 def _register_commands() -> None:
     from qalign.cli_db import db_group
     from qalign.cli_sweep import export_command, run_command, sweep_group, worker_command
-    from qalign.toy.cli import toy_server_command
 
-    main.add_command(toy_server_command, name="toy-server")
     main.add_command(db_group, name="db")
     main.add_command(sweep_group, name="sweep")
     main.add_command(run_command, name="run")
@@ -89,7 +107,7 @@ def demo(
     from qalign.sampling.loop import run_sync
     from qalign.scheduler.local import run_locally
     from qalign.scheduler.sweeps import create_sweep
-    from qalign.storage import ensure_schema, make_engine, make_sessionmaker
+    from qalign.storage import ensure_schema, make_engine, make_sessionmaker, redact_url
     from qalign.storage.models import Chain
     from qalign.toy.exact import step_distribution, total_variation, transition_matrix, tv_bound
     from qalign.toy.model import ToyModel
@@ -118,10 +136,11 @@ def demo(
             },
             "demo config",
         )
+        shown = redact_url(url)
         ensure_schema(url)
         sessions = make_sessionmaker(make_engine(url))
         sweep_id, _ = create_sweep(sessions, cfg)
-        click.echo(f"sweep {cfg.name!r} stored in {url}", err=True)
+        click.echo(f"sweep {cfg.name!r} stored in {shown}", err=True)
         services = Services(sessions=sessions)
 
         async def go() -> object:
@@ -146,7 +165,7 @@ def demo(
         for y, p in sorted(target.items(), key=lambda kv: -kv[1])[:8]
     ]
     summary = {
-        "database": url,
+        "database": shown,
         "chains": len(finals),
         "steps": steps,
         "beta": beta,
@@ -169,7 +188,9 @@ def demo(
         f"allows up to {summary['tv_allowed_by_sampling_noise']:.3f}); that law is itself "
         f"{summary['exact_law_tv_to_target']:.3f} from the target, and converges to it with steps."
     )
-    click.echo(f"every proposal is in {url}: try `qalign sweep status {cfg.name} --database {url}`")
+    click.echo(
+        f"every proposal is in {shown}: try `qalign sweep status {cfg.name} --database {shown}`"
+    )
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -44,10 +46,32 @@ def _sweep_id(sessions: Any, ref: str) -> int:
     return int(repo.find_sweep(sessions, ref).id)
 
 
+def _failure_reasons(sessions: Any, sweep_id: int) -> dict[int, list[dict[str, Any]]]:
+    """Per run: why its failed chains failed (the recorded error, most common first)."""
+    from sqlalchemy import func, select
+
+    from qalign.storage.models import Chain, ChainStatus, Run
+
+    q = (
+        select(Chain.run_id, Chain.last_error, func.count(Chain.id))
+        .join(Run, Run.id == Chain.run_id)
+        .where(Run.sweep_id == sweep_id, Chain.status == ChainStatus.FAILED.value)
+        .group_by(Chain.run_id, Chain.last_error)
+    )
+    out: dict[int, list[dict[str, Any]]] = {}
+    with sessions() as s:
+        for run_id, error, n in s.execute(q):
+            out.setdefault(run_id, []).append({"reason": error or "(none recorded)", "chains": n})
+    for reasons in out.values():
+        reasons.sort(key=lambda r: (-r["chains"], r["reason"]))
+    return out
+
+
 def _status_rows(sessions: Any, sweep_id: int) -> list[dict[str, Any]]:
     from qalign.storage import repo
 
     now = dt.datetime.now(dt.UTC)
+    failures = _failure_reasons(sessions, sweep_id)
     rows = []
     for r in repo.sweep_status(sessions, sweep_id):
         elapsed = None
@@ -76,9 +100,12 @@ def _status_rows(sessions: Any, sweep_id: int) -> list[dict[str, Any]]:
                 "acceptance_rate": r.acceptance_rate,
                 "mean_reward": r.mean_reward,
                 "errors": r.chains_with_errors,
+                "step_errors": r.step_errors,
+                "error_kinds": r.error_kinds,
                 "rejected_with_reason": r.rejected_with_reason,
                 "steps_per_s": throughput,
                 "eta_s": eta,
+                "failures": failures.get(r.run_id, []),
                 "as_of": now.isoformat(),
             }
         )
@@ -108,6 +135,24 @@ def print_status(sessions: Any, sweep_id: int, as_json: bool) -> None:
             f"{_fmt(r['mean_reward']):>8} {r['errors'] + r['chains_failed']:>6} "
             f"{_fmt(r['steps_per_s'], '.1f'):>7} {eta:>8}"
         )
+    for r in rows:
+        for f in r["failures"][:5]:
+            click.echo(f"failed: {r['run']}: {f['chains']} chain(s): {f['reason']}")
+    _print_errors(sessions, sweep_id)
+
+
+def _print_errors(sessions: Any, sweep_id: int) -> None:
+    """Failed step attempts by run and kind, kept after the retries succeeded."""
+    from qalign.storage import repo
+
+    summary = repo.error_summary(sessions, sweep_id)
+    if not summary:
+        return
+    total = sum(e.count for e in summary)
+    click.echo(f"\nfailed step attempts: {total} (retried; a chain fails after max_attempts)")
+    for e in summary:
+        last = " ".join(e.last_error.split())
+        click.echo(f"  {e.run_name[:40]:<40} {e.kind[:32]:<32} {e.count:>6}  last: {last[:160]}")
 
 
 # ---- qalign run ------------------------------------------------------------------------------
@@ -282,10 +327,39 @@ def _enqueue(sweep: str, database: str | None, broker: str | None, *, retry_fail
 
     sessions = _sessions(database, upgrade=False)
     sweep_id = _sweep_id(sessions, sweep)
-    n = enqueue_unfinished(
-        sessions, sweep_id, CeleryDispatcher(make_app(broker)), retry_failed=retry_failed
-    )
+    app = make_app(broker)
+    with _broker_errors(app.conf.broker_url):
+        n = enqueue_unfinished(sessions, sweep_id, CeleryDispatcher(app), retry_failed=retry_failed)
     click.echo(f"enqueued {n} chain step(s) of sweep {sweep!r}")
+
+
+@contextlib.contextmanager
+def _broker_errors(url: str) -> Iterator[None]:
+    """Turn "cannot reach the broker" into one line naming the broker (password hidden)."""
+    from kombu.exceptions import OperationalError
+
+    from qalign.storage.engine import redact_url
+
+    try:
+        yield
+    except OperationalError as exc:
+        password = _url_password(url)
+        detail = str(exc).replace(password, "***") if password else str(exc)
+        _fail(
+            f"cannot reach the Celery broker {redact_url(url)}: {detail}. Is it running? Choose "
+            "it with --broker or $QALIGN_BROKER_URL."
+        )
+
+
+def _url_password(url: str) -> str | None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        password = make_url(url).password
+    except (ArgumentError, ValueError):
+        return None
+    return str(password) if password else None
 
 
 @sweep_group.command("cancel")
@@ -334,9 +408,11 @@ def sweep_reap(
     from qalign.scheduler.sweeps import reap
 
     sessions = _sessions(database, upgrade=False)
-    dispatcher = CeleryDispatcher(make_app_for(broker))
+    app = make_app_for(broker)
+    dispatcher = CeleryDispatcher(app)
     while True:
-        n = reap(sessions, dispatcher, stall_timeout)
+        with _broker_errors(app.conf.broker_url):
+            n = reap(sessions, dispatcher, stall_timeout)
         click.echo(f"{dt.datetime.now(dt.UTC).isoformat()} re-enqueued {n} stalled chain(s)")
         if every is None:
             return
@@ -352,12 +428,42 @@ def make_app_for(broker: str | None) -> Any:
 # ---- qalign worker ---------------------------------------------------------------------------
 
 
+def _wait_for_database(url: str, wait: float) -> None:
+    """Check the schema, waiting up to `wait` seconds while the server is unreachable.
+
+    A worker restarted by its supervisor while PostgreSQL restarts must not die (Celery waits
+    for the broker the same way); a wrong URL, bad credentials or an old schema fail at once.
+    """
+    from qalign.storage.errors import DatabaseConnectionError, DatabaseUnreachableError
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            _sessions(url, upgrade=False)
+            return
+        except DatabaseConnectionError as exc:
+            transient = isinstance(exc, DatabaseUnreachableError) or (
+                "the database system is" in str(exc)  # starting up / shutting down
+            )
+            if not transient or time.monotonic() >= deadline:
+                raise
+            click.echo(f"waiting for the database: {exc}", err=True)
+            time.sleep(2.0)
+
+
 @click.command("worker")
 @click.option("--database", envvar="QALIGN_DATABASE_URL", help=DB_HELP)
 @click.option("--broker", envvar="QALIGN_BROKER_URL", help=BROKER_HELP)
 @click.option("--concurrency", default=32, show_default=True, help="Steps in flight per process.")
 @click.option("--name", "node_name", help="Celery node name (default: qalign@<host>-<pid>).")
 @click.option("--max-attempts", default=5, show_default=True, help="Attempts before a chain fails.")
+@click.option(
+    "--db-wait",
+    default=120.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds to wait at start-up for a database that is down or restarting.",
+)
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker_command(
     database: str | None,
@@ -365,6 +471,7 @@ def worker_command(
     concurrency: int,
     node_name: str | None,
     max_attempts: int,
+    db_wait: float,
     loglevel: str,
 ) -> None:
     """Start a Celery worker that executes chain steps (a thread pool: HTTP-bound work).
@@ -379,7 +486,7 @@ def worker_command(
     from qalign.storage.engine import database_url
 
     url = database_url(database)
-    _sessions(url, upgrade=False)  # raises with instructions when not at head
+    _wait_for_database(url, db_wait)  # raises with instructions when not at head
     os.environ["QALIGN_DATABASE_URL"] = url
     os.environ["QALIGN_MAX_ATTEMPTS"] = str(max_attempts)
     if broker:

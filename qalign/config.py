@@ -34,6 +34,32 @@ def _as_list(value: Any) -> Any:
     return value if isinstance(value, list) else [value]
 
 
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _check_http_urls(urls: list[str]) -> list[str]:
+    for u in urls:
+        if not re.match(r"^https?://[^/\s]+", u):
+            raise ValueError(f"{u!r} is not an http(s) URL")
+        # The config is stored in the database and printed by `sweep show`: no credentials in it.
+        if "@" in u.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError(
+                "a server URL must not carry user:password@; put an API key in the environment "
+                "(api_key_env) or a file (api_key_file)"
+            )
+    return [u.rstrip("/") for u in urls]
+
+
+def _check_key_source(env: str | None, file: str | None) -> None:
+    if env is not None and file is not None:
+        raise ValueError("give `api_key_env` or `api_key_file`, not both")
+    if env is not None and not _ENV_NAME.match(env):
+        raise ValueError(
+            "api_key_env must name an environment variable (letters, digits, _), not hold the "
+            "key itself"
+        )
+
+
 class GeneratorConfig(_Strict):
     """The generator server(s)."""
 
@@ -43,16 +69,16 @@ class GeneratorConfig(_Strict):
     timeout: Annotated[float, Field(gt=0)] = 300.0
     max_retries: Annotated[int, Field(ge=1)] = 8
     api_key_env: str | None = None
+    api_key_file: str | None = None
+    vocab_size: Annotated[int, Field(ge=1)] | None = None
 
     _urls = field_validator("urls", "model", mode="before")(_as_list)
+    _http = field_validator("urls")(_check_http_urls)
 
-    @field_validator("urls")
-    @classmethod
-    def _http(cls, urls: list[str]) -> list[str]:
-        for u in urls:
-            if not re.match(r"^https?://[^/\s]+", u):
-                raise ValueError(f"{u!r} is not an http(s) URL")
-        return [u.rstrip("/") for u in urls]
+    @model_validator(mode="after")
+    def _key_source(self) -> GeneratorConfig:
+        _check_key_source(self.api_key_env, self.api_key_file)
+        return self
 
 
 class RewardConfig(_Strict):
@@ -65,9 +91,15 @@ class RewardConfig(_Strict):
     max_retries: Annotated[int, Field(ge=1)] = 8
     batch_size: Annotated[int, Field(ge=1)] = 32
     api_key_env: str | None = None
+    api_key_file: str | None = None
 
     _urls = field_validator("urls", mode="before")(_as_list)
-    _http = field_validator("urls")(GeneratorConfig._http.__func__)  # type: ignore[attr-defined]
+    _http = field_validator("urls")(_check_http_urls)
+
+    @model_validator(mode="after")
+    def _key_source(self) -> RewardConfig:
+        _check_key_source(self.api_key_env, self.api_key_file)
+        return self
 
 
 class DatasetConfig(_Strict):
@@ -189,11 +221,19 @@ class SweepConfig(_Strict):
     def fingerprint(self) -> str:
         """A hash of everything that defines the sweep's results.
 
-        Where the servers are and how they are called (URLs, timeouts, retries, keys, batch
-        sizes) and execution settings are left out, so a sweep can resume against servers that
-        moved.
+        Where the servers are and how they are called (URLs, timeouts, retries, where the API
+        key comes from, batch sizes, the vocabulary-size check) and execution settings are left
+        out, so a sweep can resume against servers that moved.
         """
-        transport = {"urls", "timeout", "max_retries", "api_key_env", "batch_size"}
+        transport = {
+            "urls",
+            "timeout",
+            "max_retries",
+            "api_key_env",
+            "api_key_file",
+            "batch_size",
+            "vocab_size",
+        }
         data = self.model_dump(
             mode="json",
             exclude={"execution": True, "generator": transport, "reward": transport},
@@ -201,12 +241,21 @@ class SweepConfig(_Strict):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+_SECRET_KEYS = {"api_key", "apikey", "key", "token", "password", "secret", "bearer"}
+
+
 def _describe(err: ValidationError) -> str:
+    # Only locations and messages: pydantic's input values could be a secret pasted by mistake.
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and str(e["loc"][-1]).lower() in _SECRET_KEYS:
+            msg = (
+                "unknown key; secrets never go in the config (it is stored in the database): "
+                "use api_key_env (an environment variable) or api_key_file (a file holding the key)"
+            )
+        elif e["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling and the README's config reference)"
         elif e["type"] == "missing":
             msg = "required key is missing"
@@ -230,11 +279,20 @@ def load_config(path: str | os.PathLike[str]) -> SweepConfig:
     """Read and validate a YAML sweep config."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config {p}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config {p} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p} is not valid YAML: {exc}") from None
+    except (ValueError, TypeError, AttributeError) as exc:
+        # PyYAML's resolvers raise these for values such as an impossible date (2024-13-01).
+        raise ConfigError(f"{p} holds a value YAML cannot construct: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{p} is nested too deeply to be a sweep config") from None
     return parse_config(data, str(p))

@@ -60,11 +60,12 @@ def write_config(tmp: Path, cfg: dict[str, Any]) -> Path:
 
 
 class Broker:
-    """An isolated Redis database + queue name for one test."""
+    """An isolated Redis database + queue name for one test (on `server`, default the local
+    Redis at 6379)."""
 
-    def __init__(self) -> None:
+    def __init__(self, server: str = "redis://127.0.0.1:6379") -> None:
         self.db = 1 + uuid.uuid4().int % 15
-        self.url = f"redis://127.0.0.1:6379/{self.db}"
+        self.url = f"{server}/{self.db}"
         self.queue = f"qalign-test-{uuid.uuid4().hex[:8]}"
         self.redis = redis.Redis.from_url(self.url)
 
@@ -94,7 +95,15 @@ def cli(
 class Worker:
     """A `qalign worker` subprocess in its own process group."""
 
-    def __init__(self, name: str, db_url: str, broker: Broker, concurrency: int = 16) -> None:
+    def __init__(
+        self,
+        name: str,
+        db_url: str,
+        broker: Broker,
+        concurrency: int = 16,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+    ) -> None:
         self.name = name
         self.log = Path(f"/tmp/qalign-{name}-{uuid.uuid4().hex[:6]}.log")
         self.proc = subprocess.Popen(
@@ -109,8 +118,9 @@ class Worker:
                 name,
                 "--loglevel",
                 "INFO",
+                *args,
             ],
-            env={**os.environ, **broker.env()},
+            env={**os.environ, **broker.env(), **(env or {})},
             stdout=self.log.open("w"),
             stderr=subprocess.STDOUT,
             cwd=ROOT,
@@ -188,5 +198,7 @@ def check_invariants(db_url: str) -> dict[int, tuple[int, ...]]:
         walked = replay(props)
         assert walked[-1].state == tuple(c.state_tokens), c.id
         assert c.current_step == c.target_steps
+        accepted = sum(1 for step, _, _, acc in props if step > 0 and acc)
+        assert c.accepted_steps == accepted, (c.id, c.accepted_steps, accepted)  # status counter
         finals[c.id] = tuple(c.state_tokens)
     return finals

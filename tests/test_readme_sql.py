@@ -20,6 +20,17 @@ from tests.sweeps_support import sweep_config
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 QUERIES = re.findall(r"```sql\n(.*?)```", README, re.S)
 
+# The definition the README's one-pass per-step query must agree with (quadratic: too slow for
+# a 10,000-chain sweep, see benchmarks/scale.py, but obviously right).
+STATE_REWARD_BY_DEFINITION = """
+SELECT p.run_id, s.step, AVG(p.reward)
+FROM (SELECT DISTINCT run_id, step FROM proposals) s
+JOIN proposals p ON p.run_id = s.run_id AND p.accepted AND p.step = (
+    SELECT MAX(q.step) FROM proposals q
+    WHERE q.chain_id = p.chain_id AND q.accepted AND q.step <= s.step)
+GROUP BY p.run_id, s.step ORDER BY p.run_id, s.step
+"""
+
 
 def test_readme_has_queries():
     assert len(QUERIES) >= 4
@@ -48,8 +59,13 @@ def test_readme_queries_run(backend, sqlite_url, pg_url):
         asyncio.run(go())
     with engine.connect() as conn:
         results = [conn.execute(text(q)).all() for q in QUERIES]
-    per_run, per_step, _reasons, trajectory, finals = results
+        expected = conn.execute(text(STATE_REWARD_BY_DEFINITION)).all()
+    per_run, per_step, accuracy, _reasons, trajectory, finals, step_errors = results
     assert len(per_run) == 2 and all(row[1] == 4 * 4 for row in per_run)
     assert len(per_step) == 2 * 5
+    assert [r[:2] for r in per_step] == [r[:2] for r in expected]
+    assert [r[2] for r in per_step] == pytest.approx([r[2] for r in expected], abs=1e-9)
+    assert len(accuracy) == 2 * 5 and all(row[2] is None for row in accuracy)  # no eval yet
     assert [row[0] for row in trajectory] == [0, 1, 2, 3, 4]
     assert len(finals) == 2 * 2 * 2
+    assert step_errors == []  # nothing failed in this sweep

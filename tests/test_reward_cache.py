@@ -74,3 +74,36 @@ def test_sweep_steps_hit_the_cache(sqlite_url, tmp_path, toy):
     check_invariants(sqlite_url)
     assert misses <= 85  # the toy LM has 85 responses of at most 3 tokens
     assert hits > misses
+
+
+class FlakyNanReward(CountingReward):
+    """Answers NaN for its first `nans` requests (a reward server glitch), then real scores."""
+
+    def __init__(self, nans: int) -> None:
+        super().__init__()
+        self.nans = nans
+
+    async def score(self, conversations):
+        scores = await super().score(conversations)
+        if self.nans > 0:
+            self.nans -= 1
+            return [float("nan")] * len(scores)
+        return scores
+
+
+def test_a_transient_nan_is_not_cached():
+    # A NaN rejects the proposal that received it; caching it would also reject every later
+    # proposal of the same response in this process, which biases the chain.
+    inner = FlakyNanReward(nans=1)
+    rm = CachedReward(inner)
+
+    async def go():
+        first = await rm.score([conv("aa"), conv("aa")])
+        second = await rm.score([conv("aa")])
+        third = await rm.score([conv("aa")])
+        return first, second, third
+
+    first, second, third = asyncio.run(go())
+    assert all(x != x for x in first)  # both copies of the glitched batch are NaN
+    assert second == [2.0] and third == [2.0]
+    assert inner.scored == ["aa", "aa"]  # re-asked once after the NaN, then cached

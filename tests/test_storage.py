@@ -218,6 +218,7 @@ def test_check_schema_behind_then_ensure_schema_upgrades(
     newer = _newer_migrations(tmp_path)
     with monkeypatch.context() as m:  # this process is now the newer qalign
         m.setattr(migrate, "migrations_dir", lambda: newer)
+        m.setattr(migrate, "HEAD", "9999_next")
         assert head_revision() == "9999_next"
         with pytest.raises(SchemaNotAtHeadError) as err:
             check_schema(migrated)
@@ -612,3 +613,153 @@ def test_cli_uses_environment_and_has_examples(
         assert "Examples:" in help_text and f"qalign db {cmd} --database" in help_text
     bad = runner.invoke(db_group, ["upgrade", "--revision", "nope"])
     assert bad.exit_code == 1 and "nope" in bad.output
+
+
+def _step_write(step: int, tokens: tuple[int, ...], **kw: Any) -> Any:
+    from qalign.core import Finish, State
+    from qalign.storage.repo import StepWrite
+
+    values: dict[str, Any] = {
+        "step": step,
+        "cut": 1,
+        "new_tokens": tokens[1:],
+        "response_len": len(tokens),
+        "text": "a\x00b",
+        "reward": math.nan,
+        "log_a": -math.inf,
+        "alpha": 0.0,
+        "accepted": False,
+        "finish": "length",
+        "reject_reason": "non_finite_reward",
+        "gen_seed": 2**31 - 2,
+        "reward_tokens": 12,
+        "gen_latency_ms": 1.5,
+        "reward_latency_ms": 2.5,
+        "endpoint": "http://127.0.0.1:8000",
+        "state": State(tokens=tokens, reward=0.25, finish=Finish.STOP, logprobs=None),
+        "state_text": "state ✓",
+        "worker": "w1",
+    }
+    values.update(kw)
+    return StepWrite(**values)
+
+
+def test_step_hot_path_reads_and_writes_what_the_orm_sees(migrated: Engine) -> None:
+    """The driver-level step statements agree with the models, and the compare-and-set holds."""
+    from qalign.storage import repo
+
+    sessions = make_sessionmaker(migrated)
+    with sessions.begin() as s:
+        _, run, _, chain = _graph(s)
+        run.config = {"generator_model": "gen", "beta": 1.0}
+        chain.target_steps = 1
+        chain_id = chain.id
+    ctx = repo.load_step_context(sessions, chain_id)
+    assert (ctx.current_step, ctx.status, ctx.state, ctx.messages[0]["content"]) == (
+        -1, "pending", None, "hi ✓",
+    )  # fmt: skip
+    before = dt.datetime.now(dt.UTC)
+    assert repo.commit_step(sessions, ctx, _step_write(0, (5, 6, 7)))
+    assert not repo.commit_step(sessions, ctx, _step_write(0, (9,)))  # duplicate delivery
+    with sessions() as s:
+        p = s.execute(select(Proposal)).scalar_one()
+        c = s.get(Chain, chain_id)
+        assert c is not None
+        assert (p.step, p.new_tokens, p.gen_tokens, p.text, p.reward, p.log_a) == (
+            0, [6, 7], 2, "a\ufffdb", None, -math.inf,
+        )  # fmt: skip
+        assert (p.accepted, p.reject_reason, p.worker, p.reward_tokens) == (
+            False, "non_finite_reward", "w1", 12,
+        )  # fmt: skip
+        assert before <= p.created_at <= dt.datetime.now(dt.UTC)
+        assert p.created_at.tzinfo is not None and c.updated_at == p.created_at
+        assert (c.current_step, c.status, c.state_tokens, c.state_logprobs, c.state_text) == (
+            0, "running", [5, 6, 7], None, "state ✓",
+        )  # fmt: skip
+        n_null = s.execute(select(func.count()).where(Chain.state_logprobs.is_(None))).scalar()
+        assert n_null == 1  # SQL NULL, not JSON null
+    ctx = repo.load_step_context(sessions, chain_id)
+    assert ctx.state is not None and ctx.state.tokens == (5, 6, 7) and ctx.state.reward == 0.25
+    # A proposal that exists without the chain having moved (should never happen) blocks the
+    # commit and leaves the chain where it was: both writes are one atomic unit.
+    with sessions.begin() as s:
+        s.add(_proposal(c, 1))
+    assert not repo.commit_step(sessions, ctx, _step_write(1, (5, 8)))
+    with sessions() as s:
+        c = s.get(Chain, chain_id)
+        assert c is not None and (c.current_step, c.state_tokens) == (0, [5, 6, 7])
+        s.execute(delete(Proposal).where(Proposal.step == 1))
+        s.commit()
+    assert repo.commit_step(sessions, ctx, _step_write(1, (5, 8), accepted=True))
+    with sessions() as s:
+        c = s.get(Chain, chain_id)
+        assert c is not None and (c.current_step, c.status) == (1, "done")
+        # status counters: step 1 was accepted, both proposals carried a reject reason
+        assert (c.accepted_steps, c.rejected_with_reason) == (1, 2)
+        assert c.first_step_at is not None and c.last_step_at == c.updated_at
+        assert c.first_step_at < c.last_step_at
+    assert not repo.commit_step(sessions, ctx, _step_write(2, (5,)))  # finished chain
+    with pytest.raises(LookupError, match="chain 999 does not exist"):
+        repo.load_step_context(sessions, 999)
+
+
+def test_chain_counters_are_backfilled_by_their_migration(engine: Engine) -> None:
+    """0004 fills the status counters of chains that already have proposals."""
+    upgrade(engine, "0003_step_errors")
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    with engine.begin() as c:
+        c.execute(
+            text(
+                "INSERT INTO sweeps (id, name, config, config_hash, status, created_at, "
+                "updated_at) VALUES (1, 's', '{}', 'h', 'active', :t, :t)"
+            ),
+            {"t": t0},
+        )
+        c.execute(
+            text(
+                "INSERT INTO runs (id, sweep_id, grid_index, name, method, temperature, "
+                "steps, generator_model, config, created_at) VALUES "
+                "(1, 1, 0, 'r', 'qalign', 1.0, 3, 'g', '{}', :t)"
+            ),
+            {"t": t0},
+        )
+        c.execute(
+            text(
+                "INSERT INTO prompts (id, sweep_id, prompt_index, messages, row) "
+                "VALUES (1, 1, 0, '[]', '{}')"
+            )
+        )
+        for cid, cur in ((1, 2), (2, -1)):
+            c.execute(
+                text(
+                    "INSERT INTO chains (id, run_id, prompt_id, chain_index, seed, rng_key, "
+                    "target_steps, current_step, status, attempts, created_at, updated_at) "
+                    "VALUES (:id, 1, 1, :id, 1, 'k', 3, :cur, 'running', 0, :t, :t)"
+                ),
+                {"id": cid, "cur": cur, "t": t0},
+            )
+        for step, acc, reason in ((0, True, None), (1, True, None), (2, False, "nan_reward")):
+            c.execute(
+                text(
+                    "INSERT INTO proposals (chain_id, run_id, step, cut, new_tokens, "
+                    "response_len, text, alpha, accepted, finish, reject_reason, gen_seed, "
+                    "gen_tokens, gen_latency_ms, reward_latency_ms, endpoint, created_at) "
+                    "VALUES (1, 1, :s, 0, '[1]', 1, 'x', 1.0, :a, 'stop', :r, 1, 1, 0, 0, "
+                    "'e', :t)"
+                ),
+                {"s": step, "a": acc, "r": reason, "t": t0 + dt.timedelta(seconds=step)},
+            )
+    upgrade(engine)
+    with make_sessionmaker(engine)() as s:
+        one, two = s.get(Chain, 1), s.get(Chain, 2)
+        assert one is not None and two is not None
+        assert (one.accepted_steps, one.rejected_with_reason) == (1, 1)
+        assert (one.first_step_at, one.last_step_at) == (t0, t0 + dt.timedelta(seconds=2))
+        assert (two.accepted_steps, two.first_step_at) == (0, None)
+
+
+def test_head_constant_is_alembics_head() -> None:
+    """`migrate.HEAD` (used without importing Alembic) must name the newest migration."""
+    from qalign.storage import migrate
+
+    assert migrate.head_revision() == migrate.HEAD

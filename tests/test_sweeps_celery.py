@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import threading
 import time
@@ -202,3 +203,72 @@ def test_worker_refuses_a_database_not_at_head(sqlite_url, broker):
     out = cli("worker", "--database", sqlite_url, env=broker.env(), timeout=60)
     assert out.returncode != 0
     assert "qalign db upgrade" in out.stderr
+
+
+def _chain_ids(db_url):
+    with make_sessionmaker(make_engine(db_url))() as s:
+        return s.execute(select(Chain.id).order_by(Chain.id)).scalars().all()
+
+
+def test_a_task_runs_several_steps_of_its_chain(pg_url, tmp_path, toy, broker):
+    """QALIGN_STEPS_PER_TASK=3: 7 steps per chain take 3 messages, and each step commits once."""
+    cfg = sweep_config("multistep", *toy, prompts=2, beta=1.0, steps=6, chains=2)
+    _create(pg_url, tmp_path, cfg, broker)
+    env = {"QALIGN_STEPS_PER_TASK": "3"}
+    with workers(Worker("multi@host", pg_url, broker, concurrency=4, env=env)) as (w,):
+        assert (
+            cli("sweep", "run", "multistep", "--database", pg_url, env=broker.env()).returncode == 0
+        )
+        wait_done(pg_url, 4)
+    check_invariants(pg_url)
+    assert steps_committed(pg_url) == 4 * 7
+    received = [
+        ln for ln in w.output().splitlines() if "Task qalign.step[" in ln and "received" in ln
+    ]
+    assert len(received) == 4 * 3
+
+
+def test_a_stale_redelivery_adopts_an_orphaned_chain(pg_url, tmp_path, toy, broker):
+    """A message for a step already taken adopts the chain only when the chain sat idle."""
+    from qalign.scheduler.dispatch import CeleryDispatcher
+    from qalign.workers.app import make_app
+
+    cfg = sweep_config("orphan", *toy, prompts=1, beta=1.0, steps=5, chains=2)
+    _create(pg_url, tmp_path, cfg, broker)
+    sessions = make_sessionmaker(make_engine(pg_url))
+    orphan, live = _chain_ids(pg_url)
+
+    async def two_steps():
+        services = Services(sessions=sessions)
+        try:
+            for cid in (orphan, live):
+                for step in (0, 1):
+                    out = await advance(services, cid, step, max_attempts=3)
+                    assert out.result is Result.COMMITTED
+        finally:
+            await services.close()
+
+    asyncio.run(two_steps())
+    # As if the worker that took step 1 of `orphan` died before enqueueing step 2, an hour ago.
+    with sessions.begin() as s:
+        s.get(Chain, orphan).updated_at = s.get(Chain, orphan).updated_at - dt.timedelta(hours=1)
+    import os
+
+    os.environ.update(broker.env())
+    try:
+        dispatcher = CeleryDispatcher(make_app(broker.url))
+        for cid in (orphan, live):  # the redelivered messages of the step both chains took
+            dispatcher.enqueue(cid, 1)
+    finally:
+        for key in broker.env():
+            os.environ.pop(key, None)
+    with workers(Worker("adopt@host", pg_url, broker, concurrency=4)):
+        wait_done(pg_url, 1)
+        deadline = time.monotonic() + 30
+        while broker.queued() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+    with sessions() as s:
+        steps = dict(s.execute(select(Chain.id, Chain.current_step)).all())
+    assert steps == {orphan: 5, live: 1}  # the orphan finished; the live chain was left alone
+    assert steps_committed(pg_url) == 6 + 2

@@ -488,6 +488,88 @@ def test_capacity_and_latency() -> None:
         assert time.perf_counter() - start >= 0.1 + 10 * 0.01 - 0.01
 
 
+def _raw(url: str, path: str, body: Any) -> tuple[int, bytes]:
+    req = urllib.request.Request(
+        url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with _OPENER.open(req, timeout=30) as resp:
+        return resp.status, resp.read()
+
+
+def test_faults_are_off_by_default_and_switchable_at_runtime() -> None:
+    with serve_in_thread(ToyServerOptions(port=0, fault_seed=5)) as h:
+        state = ok(h.url, "/admin/faults")
+        assert state["faults"] == {
+            "error_rate": 0.0,
+            "hang_rate": 0.0,
+            "hang_seconds": 3600.0,
+            "malformed_rate": 0.0,
+            "nan_rate": 0.0,
+        }
+        assert state["injected"] == {"error": 0, "hang": 0, "malformed": 0, "nan": 0}
+        body = {"prompt": PROMPT, "max_tokens": 1}
+        assert all(call(h.url, "/v1/completions", body)[0] == 200 for _ in range(20))
+        out = ok(h.url, "/admin/faults", {"error_rate": 1.0})
+        assert out["faults"]["error_rate"] == 1.0 and out["faults"]["hang_rate"] == 0.0
+        assert all(call(h.url, "/v1/completions", body)[0] == 503 for _ in range(10))
+        assert call(h.url, "/tokenize", {"prompt": "yes"})[0] == 200  # metadata is never faulted
+        ok(h.url, "/admin/faults", {"error_rate": 0.0})
+        assert call(h.url, "/v1/completions", body)[0] == 200
+        metrics = ok(h.url, "/metrics")
+        assert metrics["faults"]["error"] == 10
+        assert metrics["requests"]["/admin/faults"] == 3
+        ok(h.url, "/admin/faults", {"hang_rate": 1.0, "hang_seconds": 0.05})
+        start = time.perf_counter()
+        assert call(h.url, "/classify", {"input": [PROMPT]})[0] == 200
+        assert time.perf_counter() - start >= 0.05
+        assert h.metrics()["faults"]["hang"] == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"error_rate": 1.5}, "error_rate must be in [0, 1]"),
+        ({"error_rate": 0.6, "hang_rate": 0.6}, "error_rate + hang_rate must be <= 1"),
+        ({"nan_rate": "often"}, "nan_rate must be a number"),
+        ({"hang_seconds": -1}, "hang_seconds must be >= 0"),
+        ({"typo_rate": 0.1}, "unknown fault setting(s) ['typo_rate']"),
+    ],
+)
+def test_bad_fault_settings_are_refused_and_change_nothing(change: Any, message: str) -> None:
+    with serve_in_thread(ToyServerOptions(port=0)) as h:
+        status, out = call(h.url, "/admin/faults", change)
+        assert status == 400 and message in out["error"]["message"]
+        assert ok(h.url, "/admin/faults")["faults"]["error_rate"] == 0.0
+
+
+def test_malformed_and_nan_reward_answers() -> None:
+    with serve_in_thread(ToyServerOptions(port=0, fault_seed=1)) as h:
+        body = {"input": [conv_ids("yes")], "use_activation": False}
+        ok(h.url, "/admin/faults", {"malformed_rate": 1.0})
+        for path in ("/classify", "/v1/completions"):
+            payload = body if path == "/classify" else {"prompt": PROMPT, "max_tokens": 2}
+            status, raw = _raw(h.url, path, payload)
+            assert status == 200 and raw
+            with pytest.raises(json.JSONDecodeError):
+                json.loads(raw)
+        ok(h.url, "/admin/faults", {"malformed_rate": 0.0, "nan_rate": 1.0})
+        assert math.isnan(ok(h.url, "/classify", body)["data"][0]["probs"][0])
+        assert math.isnan(ok(h.url, "/pooling", body)["data"][0]["data"][0])
+        status, out = call(h.url, "/classify", {"input_ids": conv_ids("no")})  # SGLang shape
+        assert status == 200 and math.isnan(out["embedding"][0])
+        ok(h.url, "/admin/faults", {"nan_rate": 0.0})
+        assert ok(h.url, "/classify", body)["data"][0]["probs"] == pytest.approx([1.0])
+        assert h.metrics()["faults"] == {"error": 0, "hang": 0, "malformed": 2, "nan": 3}
+    # a share, not all: Binomial(200, 0.25), mean 50, sd 6.1
+    opts = ToyServerOptions(port=0, nan_rate=0.25, fault_seed=2)
+    with serve_in_thread(opts) as h:
+        nans = sum(
+            math.isnan(ok(h.url, "/classify", {"input": [PROMPT]})["data"][0]["probs"][0])
+            for _ in range(200)
+        )
+        assert 25 <= nans <= 75 and h.metrics()["faults"]["nan"] == nans
+
+
 # ---- lifecycle ---------------------------------------------------------------------------------
 
 
@@ -529,5 +611,8 @@ def test_options_and_cli() -> None:
     assert result.exit_code == 0
     for flag in ("--served-model-name", "--latency-per-token", "--legacy-token-ids", "--capacity"):
         assert flag in result.output
+    assert "--malformed-rate" in result.output and "--nan-rate" in result.output
+    with pytest.raises(ValueError, match="nan_rate must be in"):
+        ToyServerOptions(nan_rate=2.0)
     result = runner.invoke(toy_server_command, ["--error-rate", "0.8", "--hang-rate", "0.5"])
     assert result.exit_code != 0 and "error_rate + hang_rate" in result.output

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -48,11 +49,15 @@ class CachedReward:
         self, conversations: Sequence[Conversation]
     ) -> tuple[list[float], list[int | None]]:
         keys = [_key(c) for c in conversations]
-        missing = [i for i, k in enumerate(keys) if k not in self._items]
         # several copies of one new conversation in a batch are scored once
+        known: dict[bytes, tuple[float, int | None]] = {}
         first: dict[bytes, int] = {}
-        for i in missing:
-            first.setdefault(keys[i], i)
+        for i, k in enumerate(keys):
+            if k in self._items:
+                self._items.move_to_end(k)
+                known[k] = self._items[k]
+            else:
+                first.setdefault(k, i)
         todo = list(first.values())
         self.hits += len(conversations) - len(todo)
         self.misses += len(todo)
@@ -60,11 +65,11 @@ class CachedReward:
             batch = [conversations[i] for i in todo]
             scores, counts = await score_with_tokens(self.inner, batch)
             for i, score, count in zip(todo, scores, counts, strict=True):
-                self._items[keys[i]] = (float(score), count)
+                known[keys[i]] = (float(score), count)
+                if not math.isfinite(score):
+                    continue  # a glitch (NaN/inf) rejects this proposal only: ask again next time
+                self._items[keys[i]] = known[keys[i]]
                 if len(self._items) > self.maxsize:
                     self._items.popitem(last=False)
-        out = []
-        for k in keys:
-            self._items.move_to_end(k)
-            out.append(self._items[k])
+        out = [known[k] for k in keys]
         return [s for s, _ in out], [n for _, n in out]

@@ -44,3 +44,7 @@ class ModelNotServedError(ClientError):
 
 class PromptTooLongError(ClientError):
     """A templated prompt is longer than `max_prompt_length`; we never cut prompts silently."""
+
+
+class CredentialsError(ClientError):
+    """The API key a config points at (`api_key_env` / `api_key_file`) cannot be read."""

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import random
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -29,12 +30,12 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import aiohttp
+import orjson
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception,
     stop_after_attempt,
-    wait_random_exponential,
 )
 
 from qalign.clients.errors import (
@@ -86,7 +87,9 @@ class HttpSettings:
     retry_after_max: float = 60.0  # cap on a server's Retry-After
     connection_limit: int = 512  # limit and limit_per_host
     keepalive_timeout: float = 4.0  # below uvicorn's 5 s keep-alive: avoids reuse races
-    api_key: str | None = None  # sent as `Authorization: Bearer <key>`
+    # Sent as `Authorization: Bearer <key>`; kept out of repr() so logging a settings object
+    # cannot leak it.
+    api_key: str | None = field(default=None, repr=False)
     cooldown: float = 5.0  # a failing replica is skipped for this long
     malformed_retries: int = 2  # extra attempts after a malformed 2xx body
     per_token_timeout: float = 0.25  # extra read time allowed per requested new token
@@ -115,10 +118,11 @@ class HttpSettings:
             total=self.connect_timeout + read, sock_connect=self.connect_timeout, sock_read=read
         )
 
-    def headers(self) -> dict[str, str]:
+    def headers(self, json_body: bool = False) -> dict[str, str]:
+        out = {"Content-Type": "application/json"} if json_body else {}
         if self.api_key:
-            return {"Authorization": f"Bearer {self.api_key}"}
-        return {}
+            out["Authorization"] = f"Bearer {self.api_key}"
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,28 +440,38 @@ class EndpointPool:
         pinned = self.endpoint(endpoint) if endpoint is not None else None
         state = _Attempts(pinned=pinned is not None)
         attempts = max_attempts or self.settings.max_retries
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(attempts),
-            wait=self._wait_for(state),
-            retry=retry_if_exception(lambda exc: self._retryable(exc, state)),
-            reraise=True,
-        )
+
+        async def attempt() -> Reply[T]:
+            ep = pinned or self.choose(affinity)
+            if state.last is not None:
+                self.retries += 1
+                if ep is not state.last:
+                    self.failovers += 1
+            state.last = ep
+            state.tried.append(ep.url)
+            state.failover_now = False
+            reply = await self._attempt(ep, state, method, path, body, parse, timeout, as_text)
+            self.successes += 1
+            return reply
+
         try:
-            async for attempt in retrying:
-                with attempt:
-                    ep = pinned or self.choose(affinity)
-                    if state.last is not None:
-                        self.retries += 1
-                        if ep is not state.last:
-                            self.failovers += 1
-                    state.last = ep
-                    state.tried.append(ep.url)
-                    state.failover_now = False
-                    reply = await self._attempt(
-                        ep, state, method, path, body, parse, timeout, as_text
-                    )
-                    self.successes += 1
-                    return reply
+            # Almost every request succeeds at once; tenacity's bookkeeping costs about as much
+            # CPU as the request itself, so it only takes over after a first retryable failure.
+            try:
+                return await attempt()
+            except BaseException as exc:
+                if attempts <= 1 or not self._retryable(exc, state):
+                    raise
+                await asyncio.sleep(self._delay(exc, state, 1))
+            retrying = AsyncRetrying(
+                stop=stop_after_attempt(attempts - 1),
+                wait=self._wait_for(state),
+                retry=retry_if_exception(lambda exc: self._retryable(exc, state)),
+                reraise=True,
+            )
+            async for retry in retrying:
+                with retry:
+                    return await attempt()
         except ProtocolError:
             self.failures += 1
             raise
@@ -479,19 +493,22 @@ class EndpointPool:
             return state.protocol_errors <= self.settings.malformed_retries
         return isinstance(exc, _RETRYABLE_ERRORS)
 
-    def _wait_for(self, state: _Attempts) -> Callable[[RetryCallState], float]:
-        backoff = wait_random_exponential(
-            multiplier=self.settings.backoff_initial, max=self.settings.backoff_max
-        )
+    def _delay(self, exc: BaseException | None, state: _Attempts, failures: int) -> float:
+        """Seconds to wait after the `failures`-th failed attempt."""
+        if isinstance(exc, TransientStatusError) and exc.retry_after is not None:
+            return min(exc.retry_after, self.settings.retry_after_max)
+        if state.failover_now:
+            return 0.0  # another healthy replica is waiting: fail over at once
+        # exponential backoff with full jitter
+        ceiling = self.settings.backoff_initial * 2 ** (failures - 1)
+        return random.uniform(0.0, min(ceiling, self.settings.backoff_max))
 
+    def _wait_for(self, state: _Attempts) -> Callable[[RetryCallState], float]:
         def wait(retry_state: RetryCallState) -> float:
             outcome = retry_state.outcome
             exc = outcome.exception() if outcome is not None else None
-            if isinstance(exc, TransientStatusError) and exc.retry_after is not None:
-                return min(exc.retry_after, self.settings.retry_after_max)
-            if state.failover_now:
-                return 0.0  # another healthy replica is waiting: fail over at once
-            return float(backoff(retry_state))
+            # tenacity counts from the second attempt (the first ran outside it)
+            return self._delay(exc, state, retry_state.attempt_number + 1)
 
         return wait
 
@@ -517,8 +534,8 @@ class EndpointPool:
             async with entry.session.request(
                 method,
                 url,
-                json=body,
-                headers=self.settings.headers(),
+                data=None if body is None else orjson.dumps(body),
+                headers=self.settings.headers(json_body=body is not None),
                 timeout=timeout or self.settings.timeout(),
             ) as resp:
                 raw = await resp.read()
@@ -640,14 +657,22 @@ def _identity(value: Any) -> Any:
     return value
 
 
+_NO_JSON = object()
+
+
 def _decode(url: str, raw: bytes, parse: Callable[[Any], T], as_text: bool) -> T:
     if as_text:
         return parse(raw.decode("utf-8", "replace"))
     try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        snippet = raw[:200].decode("utf-8", "replace")
-        raise ProtocolError(f"{url}: response is not valid JSON: {snippet!r}") from exc
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        data = _NO_JSON
+    if data is _NO_JSON:
+        try:  # Python's parser also takes NaN/Infinity, which some servers emit for scores
+            data = json.loads(raw)
+        except ValueError as exc:
+            snippet = raw[:200].decode("utf-8", "replace")
+            raise ProtocolError(f"{url}: response is not valid JSON: {snippet!r}") from exc
     try:
         return parse(data)
     except ProtocolError as exc:
@@ -678,6 +703,17 @@ def as_int_list(value: Any, what: str) -> list[int]:
             raise ProtocolError(f"{what} contains a non token id: {item!r}")
         out.append(item)
     return out
+
+
+def check_vocab(ids: Sequence[int], vocab_size: int | None, what: str) -> None:
+    """ProtocolError when an id is outside a vocabulary of `vocab_size` tokens (when known)."""
+    if vocab_size is None:
+        return
+    for t in ids:
+        if t >= vocab_size:
+            raise ProtocolError(
+                f"{what} contains token id {t}, outside the vocabulary of {vocab_size} tokens"
+            )
 
 
 def as_float(value: Any, what: str) -> float:

@@ -37,6 +37,7 @@ from qalign.clients.http import (
     as_int_list,
     check_context,
     check_ids,
+    check_vocab,
     require_dict,
     truncate_to_budget,
 )
@@ -76,6 +77,15 @@ def _parse_detokenize(data: Any) -> str:
     return text
 
 
+def _n_vocab(models: dict[str, Any]) -> int | None:
+    """The vocabulary size llama-server reports in `/v1/models` (`data[0].meta.n_vocab`)."""
+    items = models.get("data")
+    first = items[0] if isinstance(items, list) and items else None
+    meta = first.get("meta") if isinstance(first, dict) else None
+    n = meta.get("n_vocab") if isinstance(meta, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
 def _stop_kind(body: dict[str, Any]) -> str:
     kind = body.get("stop_type")
     if isinstance(kind, str):
@@ -103,8 +113,11 @@ class LlamaCppGenerator:
         eos_token_id: int | None = None,
         check_model: bool = True,
         startup_timeout: float = 600.0,
+        vocab_size: int | None = None,
     ) -> None:
         self.model = model
+        # Else read from /v1/models `meta.n_vocab` at start(); generated ids are checked against it.
+        self.vocab_size = vocab_size
         self.pool = EndpointPool(urls, settings, name=f"llama.cpp generator {model!r}")
         self.settings = self.pool.settings
         self.max_model_len = max_model_len
@@ -130,6 +143,8 @@ class LlamaCppGenerator:
         models = await self.pool.try_get_json("/v1/models")
         if self.check_model and self.model and isinstance(models, dict):
             self._check_model(models)
+        if self.vocab_size is None and isinstance(models, dict):
+            self.vocab_size = _n_vocab(models)
         n_ctx = self._props_n_ctx()
         if self._user_max_model_len is None:
             self.max_model_len = n_ctx
@@ -364,6 +379,7 @@ class LlamaCppGenerator:
             raise ProtocolError("a stop string matched inside ordinary text, not on a stop token")
         if lps is not None and len(lps) != len(ids):
             raise ProtocolError(f"{len(lps)} logprobs for {len(ids)} generated tokens")
+        check_vocab(ids, self.vocab_size, "tokens")
         return ids, finish, lps
 
     async def close(self) -> None:

@@ -40,6 +40,7 @@ from qalign.clients.http import (
     as_int_list,
     check_context,
     check_ids,
+    check_vocab,
     first_number,
     require_dict,
     truncate_to_budget,
@@ -116,8 +117,10 @@ class SGLangGenerator:
         seed_field: str | None = "sampling_seed",
         check_model: bool = True,
         startup_timeout: float = 600.0,
+        vocab_size: int | None = None,
     ) -> None:
         self.model = model
+        self.vocab_size = vocab_size  # when given, generated ids are checked against it
         self.pool = EndpointPool(urls, settings, name=f"sglang generator {model!r}")
         self.settings = self.pool.settings
         self.max_model_len = max_model_len
@@ -262,7 +265,7 @@ class SGLangGenerator:
             "POST",
             "/generate",
             body,
-            parse=lambda data: parse_generate(data, logprobs),
+            parse=lambda data: parse_generate(data, logprobs, self.vocab_size),
             affinity=affinity,
             timeout=self.settings.timeout(max_tokens),
         )
@@ -303,7 +306,9 @@ class SGLangGenerator:
             await self.template.pool.close()
 
 
-def parse_generate(data: Any, want_logprobs: bool) -> tuple[list[int], Finish, list[float] | None]:
+def parse_generate(
+    data: Any, want_logprobs: bool, vocab_size: int | None = None
+) -> tuple[list[int], Finish, list[float] | None]:
     """(ids ending with the stop token on STOP, finish, logprobs) of a native /generate answer."""
     if isinstance(data, list):
         if len(data) != 1:
@@ -359,6 +364,7 @@ def parse_generate(data: Any, want_logprobs: bool) -> tuple[list[int], Finish, l
             raise ProtocolError(
                 f"output_token_logprobs ids {lp_ids[-5:]}… disagree with output_ids {ids[-5:]}…"
             )
+    check_vocab(ids, vocab_size, "output_ids")
     return ids, finish, lps
 
 

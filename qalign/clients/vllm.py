@@ -34,6 +34,7 @@ from qalign.clients.http import (
     as_int_list,
     check_context,
     check_ids,
+    check_vocab,
     first_number,
     logit,
     require_dict,
@@ -154,8 +155,11 @@ class VLLMGenerator:
         max_model_len: int | None = None,
         startup_timeout: float = 600.0,
         token_ids_mode: TokenIdsMode = "auto",
+        vocab_size: int | None = None,
     ) -> None:
         self.model = model
+        # vLLM does not report its vocabulary size; when given, generated ids are checked.
+        self.vocab_size = vocab_size
         self.pool = EndpointPool(urls, settings, name=f"vllm generator {model!r}")
         self.settings = self.pool.settings
         self.max_model_len = max_model_len
@@ -309,7 +313,12 @@ class VLLMGenerator:
                 "POST",
                 "/v1/completions",
                 body,
-                parse=functools.partial(_parse_completion, mode=mode, want_logprobs=logprobs),
+                parse=functools.partial(
+                    _parse_completion,
+                    mode=mode,
+                    want_logprobs=logprobs,
+                    vocab_size=self.vocab_size,
+                ),
                 affinity=affinity,
                 timeout=self.settings.timeout(max_tokens),
             )
@@ -346,7 +355,7 @@ def _first_choice(data: Any) -> dict[str, Any]:
 
 
 def _parse_completion(
-    data: Any, mode: TokenIdsMode, want_logprobs: bool
+    data: Any, mode: TokenIdsMode, want_logprobs: bool, vocab_size: int | None = None
 ) -> tuple[list[int], Finish, list[float] | None] | None:
     choice = _first_choice(data)
     reason = choice.get("finish_reason")
@@ -389,6 +398,7 @@ def _parse_completion(
             raise ProtocolError(f"stopped on a stop string {stop_reason!r}; none was requested")
         if not ids:
             raise ProtocolError("finish_reason 'stop' with no generated token")
+    check_vocab(ids, vocab_size, "choices[0].token_ids")
     return ids, finish, lps
 
 

@@ -83,3 +83,25 @@ __all__ = [
     "SchemaNotAtHeadError",
     "StorageError",
 ]
+
+
+def _transient_db_errors() -> tuple[type[BaseException], ...]:
+    import sqlite3
+
+    import psycopg
+    from sqlalchemy import exc
+
+    # SQLAlchemy wraps what goes through a Session; statements on a raw pooled connection raise
+    # the driver's own classes. Both mean "the server went away or is restarting": retry later.
+    return (
+        exc.OperationalError,
+        exc.InterfaceError,
+        exc.TimeoutError,  # no pooled connection within the pool timeout
+        psycopg.OperationalError,
+        psycopg.InterfaceError,
+        sqlite3.OperationalError,  # "database is locked" past the busy timeout
+        DatabaseConnectionError,
+    )
+
+
+TRANSIENT_DB_ERRORS = _transient_db_errors()

@@ -16,19 +16,24 @@ import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.script.revision import RevisionError
-from alembic.util.exc import CommandError
 from sqlalchemy import Connection, Engine, inspect, text
+from sqlalchemy.exc import DBAPIError
 
 import qalign
 from qalign.storage.engine import make_engine, open_connection, redact_url
 from qalign.storage.errors import MigrationError, MigrationsNotFoundError, SchemaNotAtHeadError
 from qalign.storage.models import Base
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+# The newest revision in migrations/versions (a test checks it against Alembic's own head).
+# Knowing it without importing Alembic keeps the check every command makes cheap: importing
+# Alembic costs more CPU than a `qalign sweep status` query.
+HEAD = "0004_chain_counters"
 
 # pg_advisory_lock key serialising concurrent `upgrade`s of one PostgreSQL database.
 _PG_LOCK_KEY = int.from_bytes(hashlib.sha256(b"qalign-migrate").digest()[:8], "big", signed=True)
@@ -51,6 +56,8 @@ def make_config(url: str | None = None, connection: Connection | None = None) ->
     `url`, else `database_url()`. Useful for Alembic commands not wrapped here, e.g.
     `alembic.command.revision(make_config(url), message="...", autogenerate=True)`.
     """
+    from alembic.config import Config
+
     cfg = Config()
     # Config values go through configparser interpolation: escape '%'.
     cfg.set_main_option("script_location", str(migrations_dir()).replace("%", "%%"))
@@ -61,6 +68,9 @@ def make_config(url: str | None = None, connection: Connection | None = None) ->
 
 @functools.cache
 def _script(location: Path) -> ScriptDirectory:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
     cfg = Config()
     cfg.set_main_option("script_location", str(location).replace("%", "%%"))
     return ScriptDirectory.from_config(cfg)
@@ -79,6 +89,9 @@ def head_revision() -> str:
 
 
 def _known(revision: str) -> bool:
+    from alembic.script.revision import RevisionError
+    from alembic.util.exc import CommandError
+
     try:
         return _script_directory().get_revision(revision) is not None
     except (CommandError, RevisionError):
@@ -86,6 +99,8 @@ def _known(revision: str) -> bool:
 
 
 def _current(conn: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     return MigrationContext.configure(conn).get_current_revision()
 
 
@@ -135,13 +150,20 @@ def check_schema(engine: Engine) -> str:
     """Return the head revision if the database is exactly at it; otherwise raise
     `SchemaNotAtHeadError` (empty, behind, ahead, or unversioned), whose message says what to do.
     """
-    head = head_revision()
     url = engine.url
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         path = Path(url.database).expanduser()
         if not url.query.get("uri") and not path.exists():
             # Connecting would create an empty file as a side effect of a mere check.
             raise _schema_error(engine, None, unversioned=False)
+    with open_connection(engine) as conn:
+        try:
+            versions = conn.execute(text("SELECT version_num FROM alembic_version")).all()
+        except DBAPIError:
+            versions = []  # no version table: the full check below says what the database is
+    if [v for (v,) in versions] == [HEAD]:
+        return HEAD
+    head = head_revision()
     with open_connection(engine) as conn:
         current = _current(conn)
         unversioned = current is None and _has_qalign_tables(conn)
@@ -182,6 +204,10 @@ def _migration_connection(engine: Engine) -> Iterator[Connection]:
 
 
 def _run(engine: Engine, action: str, revision: str) -> None:
+    from alembic import command
+    from alembic.script.revision import RevisionError
+    from alembic.util.exc import CommandError
+
     with _migration_connection(engine) as conn:
         current = _current(conn)
         conn.commit()

@@ -155,6 +155,11 @@ class Chain(Base):
     enqueued_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    # Kept by the step commit so `sweep status` never aggregates the proposals table.
+    accepted_steps: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    rejected_with_reason: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    first_step_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_step_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class Proposal(Base):
@@ -196,6 +201,23 @@ class Proposal(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+class StepError(Base):
+    """Append-only: one failed attempt at a chain step, with its reason (kept after the step
+    succeeds, unlike `chains.last_error`, so `sweep status` can say what went wrong)."""
+
+    __tablename__ = "step_errors"
+    __table_args__ = (Index("ix_step_errors_run_id_kind", "run_id", "kind"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    chain_id: Mapped[int] = mapped_column(ForeignKey("chains.id", ondelete="CASCADE"), index=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    step: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(80))
+    error: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class Answer(Base):
     """The checked answer of one proposal's response (written by `qalign eval`, replaceable)."""
 
@@ -223,6 +245,7 @@ __all__ = [
     "PromptEncoding",
     "Proposal",
     "Run",
+    "StepError",
     "Sweep",
     "SweepStatus",
     "func",

@@ -10,23 +10,25 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import math
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import and_, case, func, insert, select, update
+from sqlalchemy import Engine, case, func, insert, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from qalign.core import Finish, State
+from qalign.storage import hotpath
 from qalign.storage.models import (
     Chain,
     ChainStatus,
     Prompt,
     PromptEncoding,
-    Proposal,
     Run,
+    StepError,
     Sweep,
     SweepStatus,
     utcnow,
@@ -42,6 +44,12 @@ class SweepExistsError(ValueError):
 
 class SweepNotFoundError(LookupError):
     """No sweep of that name or id."""
+
+
+def _engine(sessions: Sessions) -> Engine:
+    bind = sessions.kw["bind"]
+    assert isinstance(bind, Engine), "qalign sessionmakers are bound to one engine"
+    return bind
 
 
 def _rowcount(s: Session, stmt: Any) -> int:
@@ -194,23 +202,7 @@ class StepContext:
     prompt_ids: list[int] | None
     state: State | None
     state_text: str | None
-
-
-_CHAIN_COLUMNS = (
-    Chain.run_id,
-    Chain.prompt_id,
-    Chain.rng_key,
-    Chain.seed,
-    Chain.target_steps,
-    Chain.current_step,
-    Chain.status,
-    Chain.attempts,
-    Chain.state_tokens,
-    Chain.state_logprobs,
-    Chain.state_reward,
-    Chain.state_finish,
-    Chain.state_text,
-)
+    updated_at: dt.datetime
 
 
 @functools.lru_cache(maxsize=4096)
@@ -231,24 +223,24 @@ _encodings: dict[tuple[Sessions, int, str], list[int]] = {}
 
 def load_step_context(sessions: Sessions, chain_id: int) -> StepContext:
     """One primary-key read of the chain; run config, messages and encodings come from caches."""
-    with sessions() as s:
-        row = s.execute(select(*_CHAIN_COLUMNS).where(Chain.id == chain_id)).one_or_none()
-        if row is None:
-            raise LookupError(f"chain {chain_id} does not exist")
-        (run_id, prompt_id, rng_key, seed, target, current, status, attempts,
-         tokens, logprobs, reward, finish, text) = row  # fmt: skip
-        config, messages = _static_context(sessions, run_id, prompt_id)
-        key = (sessions, prompt_id, config["generator_model"])
-        enc = _encodings.get(key)
-        if enc is None:
+    row = hotpath.read_chain(_engine(sessions), chain_id)
+    if row is None:
+        raise LookupError(f"chain {chain_id} does not exist")
+    (run_id, prompt_id, rng_key, seed, target, current, status, attempts,
+     tokens, logprobs, reward, finish, text, updated_at) = row  # fmt: skip
+    config, messages = _static_context(sessions, run_id, prompt_id)
+    key = (sessions, prompt_id, config["generator_model"])
+    enc = _encodings.get(key)
+    if enc is None:
+        with sessions() as s:
             stored = s.execute(
                 select(PromptEncoding.token_ids).where(
                     PromptEncoding.prompt_id == prompt_id,
                     PromptEncoding.model == config["generator_model"],
                 )
             ).scalar_one_or_none()
-            if stored is not None:
-                enc = _encodings[key] = list(stored)
+        if stored is not None:
+            enc = _encodings[key] = list(stored)
     state = None
     if tokens is not None:
         state = State(
@@ -272,6 +264,7 @@ def load_step_context(sessions: Sessions, chain_id: int) -> StepContext:
         prompt_ids=enc,
         state=state,
         state_text=text,
+        updated_at=updated_at,
     )
 
 
@@ -324,72 +317,71 @@ def commit_step(sessions: Sessions, ctx: StepContext, w: StepWrite) -> bool:
     duplicate delivery changes nothing.
     """
     done = w.step >= ctx.target_steps
-    try:
-        with sessions.begin() as s:
-            moved = _rowcount(
-                s,
-                update(Chain)
-                .where(
-                    Chain.id == ctx.chain_id,
-                    Chain.current_step == w.step - 1,
-                    Chain.status.not_in(FINAL),
-                )
-                .values(
-                    current_step=w.step,
-                    state_tokens=list(w.state.tokens),
-                    state_logprobs=_json_logprobs(w.state.logprobs),
-                    state_reward=_finite_or_none(w.state.reward),
-                    state_finish=w.state.finish.value,
-                    state_text=_text(w.state_text),
-                    status=ChainStatus.DONE.value if done else ChainStatus.RUNNING.value,
-                    attempts=0,
-                    last_error=None,
-                    updated_at=utcnow(),
-                ),
-            )
-            if moved != 1:
-                s.rollback()
-                return False
-            s.execute(
-                insert(Proposal).values(
-                    chain_id=ctx.chain_id,
-                    run_id=ctx.run_id,
-                    step=w.step,
-                    cut=w.cut,
-                    new_tokens=list(w.new_tokens),
-                    response_len=w.response_len,
-                    text=_text(w.text),
-                    reward=_finite_or_none(w.reward),
-                    log_a=_finite_or_none(w.log_a),
-                    alpha=w.alpha,
-                    accepted=w.accepted,
-                    finish=w.finish,
-                    reject_reason=w.reject_reason,
-                    gen_seed=w.gen_seed,
-                    gen_tokens=len(w.new_tokens),
-                    reward_tokens=w.reward_tokens,
-                    gen_latency_ms=w.gen_latency_ms,
-                    reward_latency_ms=w.reward_latency_ms,
-                    endpoint=w.endpoint,
-                    worker=w.worker,
-                    created_at=utcnow(),
-                )
-            )
-    except IntegrityError:
-        return False
-    return True
+    return hotpath.commit(
+        _engine(sessions),
+        {
+            "chain_id": ctx.chain_id,
+            "run_id": ctx.run_id,
+            "step": w.step,
+            "prev": w.step - 1,
+            "cut": w.cut,
+            "new_tokens": list(w.new_tokens),
+            "response_len": w.response_len,
+            "text": _text(w.text),
+            "reward": _finite_or_none(w.reward),
+            "log_a": _finite_or_none(w.log_a),
+            "alpha": w.alpha,
+            "accepted": w.accepted,
+            "finish": w.finish,
+            "reject_reason": w.reject_reason,
+            "gen_seed": w.gen_seed,
+            "gen_tokens": len(w.new_tokens),
+            "reward_tokens": w.reward_tokens,
+            "gen_latency_ms": w.gen_latency_ms,
+            "reward_latency_ms": w.reward_latency_ms,
+            "endpoint": w.endpoint,
+            "worker": w.worker,
+            "created_at": utcnow(),
+            "state_tokens": list(w.state.tokens),
+            "state_logprobs": _json_logprobs(w.state.logprobs),
+            "state_reward": _finite_or_none(w.state.reward),
+            "state_finish": w.state.finish.value,
+            "state_text": _text(w.state_text),
+            "status": ChainStatus.DONE.value if done else ChainStatus.RUNNING.value,
+        },
+    )
+
+
+_KIND = re.compile(r"([A-Za-z_][A-Za-z0-9_.]*): ")
+
+
+def error_kind(error: str) -> str:
+    """The exception class name that starts an error message ("Type: text"), else "error"."""
+    m = _KIND.match(error)
+    return m.group(1)[:80] if m else "error"
 
 
 def record_failure(
     sessions: Sessions, chain_id: int, step: int, error: str, max_attempts: int
 ) -> str:
-    """Count a failed attempt at `step`; the chain fails for good after `max_attempts`."""
+    """Count a failed attempt at `step` and log it in `step_errors`; the chain fails for good
+    after `max_attempts`."""
     with sessions.begin() as s:
         chain = s.get(Chain, chain_id, with_for_update=True)
         if chain is None or chain.status in FINAL or chain.current_step >= step:
             return chain.status if chain is not None else ChainStatus.FAILED.value
         chain.attempts += 1
         chain.last_error = f"step {step}: {error}"[:4000]
+        s.add(
+            StepError(
+                chain_id=chain.id,
+                run_id=chain.run_id,
+                step=step,
+                attempt=chain.attempts,
+                kind=error_kind(error),
+                error=error[:4000],
+            )
+        )
         chain.status = (
             ChainStatus.FAILED.value
             if chain.attempts >= max_attempts
@@ -505,6 +497,8 @@ class RunStatus:
     mean_reward: float | None
     first_at: dt.datetime | None
     last_at: dt.datetime | None
+    step_errors: int = 0  # failed attempts ever recorded (most were retried successfully)
+    error_kinds: dict[str, int] = field(default_factory=dict)
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -512,7 +506,7 @@ class RunStatus:
 
 
 def sweep_status(sessions: Sessions, sweep_id: int) -> list[RunStatus]:
-    """Per-run progress: one aggregate over chains and one over proposals, per run."""
+    """Per-run progress from the chains table alone (the step commit keeps its counters)."""
     with sessions() as s:
         chain_rows = s.execute(
             select(
@@ -525,37 +519,34 @@ def sweep_status(sessions: Sessions, sweep_id: int) -> list[RunStatus]:
                 func.sum(Chain.target_steps + 1),
                 func.sum(Chain.current_step + 1),
                 func.avg(Chain.state_reward),
+                func.sum(case((Chain.current_step > 0, Chain.current_step), else_=0)),
+                func.sum(Chain.accepted_steps),
+                func.sum(Chain.rejected_with_reason),
+                func.min(Chain.first_step_at),
+                func.max(Chain.last_step_at),
             )
             .join(Run, Run.id == Chain.run_id)
             .where(Run.sweep_id == sweep_id)
             .group_by(Chain.run_id)
         ).all()
-        mcmc = Proposal.step > 0
-        prop_rows = {
-            r[0]: r[1:]
-            for r in s.execute(
-                select(
-                    Proposal.run_id,
-                    func.sum(case((mcmc, 1), else_=0)),
-                    func.sum(case((and_(mcmc, Proposal.accepted), 1), else_=0)),
-                    func.sum(case((Proposal.reject_reason.is_not(None), 1), else_=0)),
-                    func.min(Proposal.created_at),
-                    func.max(Proposal.created_at),
-                )
-                .join(Run, Run.id == Proposal.run_id)
-                .where(Run.sweep_id == sweep_id)
-                .group_by(Proposal.run_id)
-            ).all()
-        }
         names = dict(
             s.execute(select(Run.id, Run.name).where(Run.sweep_id == sweep_id)).tuples().all()
         )
         methods = dict(
             s.execute(select(Run.id, Run.method).where(Run.sweep_id == sweep_id)).tuples().all()
         )
+        kinds: dict[int, dict[str, int]] = {}
+        for run_id, kind, n in s.execute(
+            select(StepError.run_id, StepError.kind, func.count())
+            .join(Run, Run.id == StepError.run_id)
+            .where(Run.sweep_id == sweep_id)
+            .group_by(StepError.run_id, StepError.kind)
+        ).all():
+            kinds.setdefault(run_id, {})[kind] = int(n)
     out = []
-    for run_id, n, done, failed, cancelled, errs, total, steps_done, mean_r in chain_rows:
-        mc, acc, rej, first, last = prop_rows.get(run_id, (0, 0, 0, None, None))
+    for row in chain_rows:
+        (run_id, n, done, failed, cancelled, errs, total, steps_done, mean_r,
+         mc, acc, rej, first, last) = row  # fmt: skip
         out.append(
             RunStatus(
                 run_id=run_id,
@@ -574,6 +565,49 @@ def sweep_status(sessions: Sessions, sweep_id: int) -> list[RunStatus]:
                 mean_reward=None if mean_r is None else float(mean_r),
                 first_at=first,
                 last_at=last,
+                step_errors=sum(kinds.get(run_id, {}).values()),
+                error_kinds=dict(sorted(kinds.get(run_id, {}).items(), key=lambda kv: -kv[1])),
             )
         )
     return sorted(out, key=lambda r: r.run_id)
+
+
+@dataclass(frozen=True)
+class ErrorSummary:
+    """Failed step attempts of one run and kind, with the latest message."""
+
+    run_name: str
+    kind: str
+    count: int
+    last_error: str
+    last_at: dt.datetime
+
+
+def error_summary(sessions: Sessions, sweep_id: int) -> list[ErrorSummary]:
+    """Per run and error kind: how many attempts failed, and the most recent reason."""
+    with sessions() as s:
+        groups = s.execute(
+            select(StepError.run_id, StepError.kind, func.count(), func.max(StepError.id))
+            .join(Run, Run.id == StepError.run_id)
+            .where(Run.sweep_id == sweep_id)
+            .group_by(StepError.run_id, StepError.kind)
+        ).all()
+        last_ids = [g[3] for g in groups]
+        latest = {
+            row.id: row
+            for row in s.execute(select(StepError).where(StepError.id.in_(last_ids))).scalars()
+        }
+        names = dict(
+            s.execute(select(Run.id, Run.name).where(Run.sweep_id == sweep_id)).tuples().all()
+        )
+    out = [
+        ErrorSummary(
+            run_name=names[run_id],
+            kind=kind,
+            count=int(n),
+            last_error=f"step {latest[last].step}: {latest[last].error}",
+            last_at=latest[last].created_at,
+        )
+        for run_id, kind, n, last in groups
+    ]
+    return sorted(out, key=lambda e: (e.run_name, -e.count, e.kind))

@@ -75,6 +75,20 @@ async def _serve_forever(options: ToyServerOptions) -> None:
     help="Fraction of generate/classify requests that sleep --hang-seconds first.",
 )
 @click.option("--hang-seconds", default=3600.0, show_default=True, type=click.FloatRange(min=0))
+@click.option(
+    "--malformed-rate",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Fraction of generate/classify answers whose JSON body is cut short.",
+)
+@click.option(
+    "--nan-rate",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Fraction of classify/pooling answers whose scores are NaN.",
+)
 @click.option("--fault-seed", default=None, type=int, help="Seed of the fault injection draws.")
 @click.option(
     "--legacy-token-ids",

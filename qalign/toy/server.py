@@ -13,6 +13,9 @@ SGLang native
     ``GET /get_model_info`` (``/health`` is shared).
 Toy extras
     ``GET /metrics``: JSON counters (requests by endpoint, faults, generated tokens...).
+    ``GET /admin/faults``, ``POST /admin/faults``: read or change the fault injection switches
+    while the server runs (JSON with any of ``error_rate``, ``hang_rate``, ``hang_seconds``,
+    ``malformed_rate``, ``nan_rate``); for chaos tests.
 
 Behaviour that matters for exactness, imitated from the real servers:
 
@@ -48,7 +51,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from aiohttp import web
@@ -57,6 +60,7 @@ from qalign.toy.model import BOS, BYTE_BASE, END, EOS, SPECIALS, WORD_BASE, ToyM
 
 __all__ = [
     "LOGPROBS_MODES",
+    "FaultSettings",
     "ToyServer",
     "ToyServerHandle",
     "ToyServerOptions",
@@ -87,7 +91,56 @@ ENDPOINTS = (
     "/generate",
     "/get_model_info",
     "/metrics",
+    "/admin/faults",
 )
+FAULT_KINDS = ("error", "hang", "malformed", "nan")
+
+
+# ------------------------------------------------------------------------------------------------
+# fault injection
+
+
+@dataclass(frozen=True)
+class FaultSettings:
+    """Fault injection on /v1/completions, /generate, /classify, /pooling; all off by default.
+
+    A request is answered 503 (`error_rate`) or first sleeps `hang_seconds` (`hang_rate`); a
+    request that gets through has its 200 body cut short (`malformed_rate`: invalid JSON) or, on
+    the scoring endpoints, every score replaced by NaN (`nan_rate`).
+    """
+
+    error_rate: float = 0.0
+    hang_rate: float = 0.0
+    hang_seconds: float = 3600.0
+    malformed_rate: float = 0.0
+    nan_rate: float = 0.0
+
+    def check(self) -> None:
+        """Raise ValueError naming the first invalid setting."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{f.name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{f.name} must be finite, got {value!r}")
+        if self.hang_seconds < 0:
+            raise ValueError("hang_seconds must be >= 0")
+        for name in ("error_rate", "hang_rate", "malformed_rate", "nan_rate"):
+            rate = getattr(self, name)
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {rate}")
+        if self.error_rate + self.hang_rate > 1.0:
+            raise ValueError("error_rate + hang_rate must be <= 1")
+
+    def updated(self, changes: Mapping[str, Any]) -> FaultSettings:
+        """A copy with `changes` applied and checked; unknown keys raise ValueError."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown fault setting(s) {unknown}; known: {sorted(known)}")
+        new = replace(self, **changes)
+        new.check()
+        return new
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,10 +159,13 @@ class ToyServerOptions:
     latency_base: float = 0.0
     latency_per_token: float = 0.0
     capacity: int = 0  # concurrent sequences; 0 = unlimited (beyond it requests wait)
-    # fault injection on /v1/completions, /generate, /classify, /pooling
+    # fault injection on /v1/completions, /generate, /classify, /pooling (see FaultSettings);
+    # these are the starting values, POST /admin/faults changes them at runtime
     error_rate: float = 0.0  # fraction answered 503
     hang_rate: float = 0.0  # fraction that sleep hang_seconds before answering
     hang_seconds: float = 3600.0
+    malformed_rate: float = 0.0  # fraction whose 200 body is cut short (invalid JSON)
+    nan_rate: float = 0.0  # fraction of scoring requests whose scores are all NaN
     fault_seed: int | None = None
     # emulation of older servers
     legacy_token_ids: bool = False  # pre-0.10.2 vLLM: return_token_ids ignored
@@ -134,12 +190,7 @@ class ToyServerOptions:
             raise ValueError("latencies and hang_seconds must be >= 0")
         if self.capacity < 0:
             raise ValueError("capacity must be >= 0 (0 = unlimited)")
-        for name in ("error_rate", "hang_rate"):
-            rate = getattr(self, name)
-            if not 0.0 <= rate <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {rate}")
-        if self.error_rate + self.hang_rate > 1.0:
-            raise ValueError("error_rate + hang_rate must be <= 1")
+        self.faults().check()
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}")
         if self.max_logprobs < 0:
@@ -148,6 +199,16 @@ class ToyServerOptions:
     @property
     def version(self) -> str:
         return LEGACY_VLLM_VERSION if self.legacy_token_ids else VLLM_VERSION
+
+    def faults(self) -> FaultSettings:
+        """The starting fault injection settings."""
+        return FaultSettings(
+            error_rate=self.error_rate,
+            hang_rate=self.hang_rate,
+            hang_seconds=self.hang_seconds,
+            malformed_rate=self.malformed_rate,
+            nan_rate=self.nan_rate,
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -394,7 +455,7 @@ class _Stats:
 
     def reset(self) -> None:
         self.requests = dict.fromkeys(ENDPOINTS, 0)
-        self.faults = {"error": 0, "hang": 0}
+        self.faults = dict.fromkeys(FAULT_KINDS, 0)
         self.status = {"400": 0, "404": 0, "503": 0}
         self.generated_tokens = 0
         self.sequences = 0
@@ -425,6 +486,7 @@ class _ToyState:
         self.served = options.served_model_names
         self.sampler = _Sampler(options.model, options.logprobs_mode)
         self.stats = _Stats()
+        self.faults = options.faults()  # replaced whole by POST /admin/faults
         self.fault_rng = random.Random(options.fault_seed)
         self.rng = random.Random()  # unseeded requests: fresh randomness
         self.capacity: asyncio.Semaphore | None = None  # created on the serving loop
@@ -480,7 +542,7 @@ class _ToyState:
 
     # ---- faults, capacity and latency ---------------------------------------------------------
     async def maybe_fault(self) -> None:
-        opts = self.options
+        opts = self.faults
         if opts.error_rate <= 0 and opts.hang_rate <= 0:
             return
         u = self.fault_rng.random()
@@ -494,6 +556,14 @@ class _ToyState:
                 await asyncio.wait_for(self.stopping.wait(), opts.hang_seconds)
             if self.stopping.is_set():
                 raise _RequestError(503, "the server is shutting down")
+
+    def draw(self, kind: str, rate: float) -> bool:
+        """Whether this request gets fault `kind`; counts it. No draw at rate 0 (keeps seeded
+        fault sequences of the other kinds unchanged)."""
+        if rate <= 0 or self.fault_rng.random() >= rate:
+            return False
+        self.stats.faults[kind] += 1
+        return True
 
     async def run_sequences(
         self, jobs: Sequence[Callable[[], Any]], tokens_of: Callable[[Any], int]
@@ -567,13 +637,31 @@ class _ToyState:
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+_FAULTY_ENDPOINTS = frozenset((*GENERATE_ENDPOINTS, *SCORE_ENDPOINTS))
+
+
+def _malformed(resp: web.Response) -> web.Response:
+    """The same answer with its JSON body cut in half, as a crashing proxy might send it."""
+    body = resp.body if isinstance(resp.body, bytes) else b"{}"
+    return web.Response(status=200, body=body[: len(body) // 2], content_type="application/json")
+
+
 def _handler(state: _ToyState, endpoint: str, fn: _Handler, *, sglang: bool = False) -> _Handler:
     stats = state.stats
+    faulty = endpoint in _FAULTY_ENDPOINTS
 
     async def handle(request: web.Request) -> web.StreamResponse:
         stats.requests[endpoint] += 1
         try:
-            return await fn(request)
+            resp = await fn(request)
+            if (
+                faulty
+                and resp.status == 200
+                and isinstance(resp, web.Response)
+                and state.draw("malformed", state.faults.malformed_rate)
+            ):
+                return _malformed(resp)
+            return resp
         except _RequestError as err:
             key = str(err.status)
             stats.status[key] = stats.status.get(key, 0) + 1
@@ -666,6 +754,20 @@ class _Handlers:
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.json_response(self.s.stats.snapshot())
+
+    def _faults_body(self) -> dict[str, Any]:
+        return {"faults": asdict(self.s.faults), "injected": dict(self.s.stats.faults)}
+
+    async def get_faults(self, request: web.Request) -> web.Response:
+        return web.json_response(self._faults_body())
+
+    async def set_faults(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        try:
+            self.s.faults = self.s.faults.updated(body)
+        except (ValueError, TypeError) as exc:
+            raise _bad(str(exc)) from None
+        return web.json_response(self._faults_body())
 
     # ---- tokenizer -----------------------------------------------------------------------------
     async def tokenize(self, request: web.Request) -> web.Response:
@@ -928,6 +1030,8 @@ class _Handlers:
         jobs = [lambda ids=ids: s.reward(ids) for ids in inputs]
         scores = await s.run_sequences(jobs, lambda _: 0)
         s.stats.scored_inputs += len(inputs)
+        if s.draw("nan", s.faults.nan_rate):
+            return [math.nan] * len(scores)
         return scores
 
     @staticmethod
@@ -1245,6 +1349,8 @@ def create_app(options: ToyServerOptions | None = None) -> web.Application:
     r.add_get("/openapi.json", wrap("/openapi.json", h.openapi))
     r.add_get("/get_model_info", wrap("/get_model_info", h.get_model_info, sglang=True))
     r.add_get("/metrics", wrap("/metrics", h.metrics))
+    r.add_get("/admin/faults", wrap("/admin/faults", h.get_faults))
+    r.add_post("/admin/faults", wrap("/admin/faults", h.set_faults))
     r.add_post("/tokenize", wrap("/tokenize", h.tokenize))
     r.add_post("/detokenize", wrap("/detokenize", h.detokenize))
     r.add_post("/v1/completions", wrap("/v1/completions", h.completions))

@@ -9,18 +9,20 @@ compare-and-set on the chain's step. A duplicated, replayed or concurrent delive
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, TypeVar
 
 from qalign.clients import HttpSettings, make_generator, make_reward
 from qalign.clients.base import Generator, RewardModel, SamplingParams
 from qalign.clients.cache import CachedReward
-from qalign.clients.errors import ClientError, PromptTooLongError
+from qalign.clients.errors import ClientError, CredentialsError, PromptTooLongError
 from qalign.core import KernelConfig, Method, index_distribution
 from qalign.sampling.step import ChainSpec, StepRecord, initial_step, mcmc_step
 from qalign.storage import repo
@@ -75,6 +77,7 @@ class ClientCache:
                 cfg["model"],
                 settings=_settings(cfg),
                 startup_timeout=self.startup_timeout,
+                vocab_size=cfg.get("vocab_size"),
             )
 
         client: Generator = await self._get("gen", cfg, build)
@@ -102,15 +105,42 @@ class ClientCache:
         self._items.clear()
 
 
-def _settings(cfg: dict[str, Any]) -> HttpSettings:
-    """Transport settings of a generator or reward section; the API key is read from the env."""
+def api_key(cfg: dict[str, Any]) -> str | None:
+    """The API key of a generator or reward section, from `api_key_env` or `api_key_file`.
+
+    The key itself is never stored in the config, the database or any message.
+    """
     import os
 
     env = cfg.get("api_key_env")
+    path = cfg.get("api_key_file")
+    if env:
+        value = os.environ.get(env)
+        if value is None or not value.strip():
+            raise CredentialsError(
+                f"api_key_env names ${env}, which is not set (or empty) in this process; "
+                "export it where `qalign run` / `qalign worker` runs"
+            )
+        return value.strip()
+    if path:
+        file = Path(path).expanduser()
+        try:
+            value = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = (
+                exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            )
+            raise CredentialsError(f"cannot read api_key_file {str(file)!r}: {reason}") from None
+        if not value.strip():
+            raise CredentialsError(f"api_key_file {str(file)!r} is empty")
+        return value.strip()
+    return None
+
+
+def _settings(cfg: dict[str, Any]) -> HttpSettings:
+    """Transport settings of a generator or reward section (API key from env or file)."""
     return HttpSettings(
-        total_timeout=cfg["timeout"],
-        max_retries=cfg["max_retries"],
-        api_key=os.environ.get(env) if env else None,
+        total_timeout=cfg["timeout"], max_retries=cfg["max_retries"], api_key=api_key(cfg)
     )
 
 
@@ -122,9 +152,17 @@ class Services:
     db_threads: int = 32
     clients: ClientCache = field(default_factory=ClientCache)
     _pool: ThreadPoolExecutor | None = None
+    _inline: bool | None = None
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a blocking database call off the event loop."""
+        """Run a blocking database call off the event loop (SQLite: on it, see below)."""
+        if self._inline is None:
+            bind = self.sessions.kw.get("bind")
+            self._inline = getattr(getattr(bind, "dialect", None), "name", "") == "sqlite"
+        if self._inline:
+            # A local SQLite call takes tens of microseconds, less than handing it to a thread
+            # and back; and SQLite has a single writer anyway.
+            return fn(*args)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.db_threads, thread_name_prefix="qalign-db")
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -180,15 +218,36 @@ def _write(rec: StepRecord) -> repo.StepWrite:
     )
 
 
-async def advance(services: Services, chain_id: int, step: int, *, max_attempts: int) -> Outcome:
-    """Take step `step` of chain `chain_id` if it is the chain's next step; see module doc."""
-    ctx = await services.db(repo.load_step_context, services.sessions, chain_id)
+ADOPT_AFTER_S = 300.0  # see `_precheck`
+
+
+def _precheck(ctx: repo.StepContext, step: int) -> Outcome | None:
+    """The outcome when step `step` is not this chain's next step, else None.
+
+    A message for a step already taken is normally a duplicate whose twin drives the chain on.
+    But when the chain has sat untouched for `ADOPT_AFTER_S` seconds, whoever took that step
+    died before handing the chain on (e.g. a worker killed after its commit), so the duplicate's
+    `next_step` invites the caller to adopt the chain. Two adopters cannot both commit a step;
+    the loser sees a freshly moved chain at its next step and stops.
+    """
     if ctx.status in repo.FINAL:
-        return Outcome(chain_id, step, Result.SKIPPED, chain_status=ctx.status)
+        return Outcome(ctx.chain_id, step, Result.SKIPPED, chain_status=ctx.status)
     if ctx.current_step >= step:
-        return Outcome(chain_id, step, Result.DUPLICATE, chain_status=ctx.status)
+        idle = (dt.datetime.now(dt.UTC) - ctx.updated_at).total_seconds()
+        adopt = ctx.current_step + 1 if idle >= ADOPT_AFTER_S else None
+        return Outcome(
+            ctx.chain_id, step, Result.DUPLICATE, next_step=adopt, chain_status=ctx.status
+        )
     if ctx.current_step < step - 1:
-        return Outcome(chain_id, step, Result.SKIPPED, chain_status=ctx.status)
+        return Outcome(ctx.chain_id, step, Result.SKIPPED, chain_status=ctx.status)
+    return None
+
+
+async def _propose(
+    services: Services, ctx: repo.StepContext, step: int, max_attempts: int
+) -> StepRecord | Outcome:
+    """Talk to the servers for step `step`: the record to commit, or the recorded failure."""
+    chain_id = ctx.chain_id
     cfg = ctx.run_config
     try:
         gen = await services.clients.generator(cfg["generator"])
@@ -213,13 +272,10 @@ async def advance(services: Services, chain_id: int, step: int, *, max_attempts:
             sampling=SamplingParams(temperature=cfg["temperature"]),
         )
         if step == 0:
-            rec = await initial_step(spec, gen, rm)
-        else:
-            if ctx.state is None or rm is None:
-                raise RuntimeError(
-                    f"chain {chain_id} has no state or reward model before step {step}"
-                )
-            rec = await mcmc_step(spec, ctx.state, ctx.state_text or "", step, gen, rm)
+            return await initial_step(spec, gen, rm)
+        if ctx.state is None or rm is None:
+            raise RuntimeError(f"chain {chain_id} has no state or reward model before step {step}")
+        return await mcmc_step(spec, ctx.state, ctx.state_text or "", step, gen, rm)
     except PromptTooLongError as exc:
         status = await services.db(
             repo.record_failure, services.sessions, chain_id, step, str(exc), 1
@@ -232,14 +288,46 @@ async def advance(services: Services, chain_id: int, step: int, *, max_attempts:
             repo.record_failure, services.sessions, chain_id, step, msg, max_attempts
         )
         return Outcome(chain_id, step, Result.FAILED, chain_status=status, error=msg)
-    committed = await services.db(repo.commit_step, services.sessions, ctx, _write(rec))
+
+
+def _committed(ctx: repo.StepContext, step: int, committed: bool) -> Outcome:
     if not committed:
-        return Outcome(chain_id, step, Result.DUPLICATE)
+        return Outcome(ctx.chain_id, step, Result.DUPLICATE)
     done = step >= ctx.target_steps
     return Outcome(
-        chain_id,
+        ctx.chain_id,
         step,
         Result.COMMITTED,
         next_step=None if done else step + 1,
         chain_status=ChainStatus.DONE.value if done else ChainStatus.RUNNING.value,
     )
+
+
+async def advance(services: Services, chain_id: int, step: int, *, max_attempts: int) -> Outcome:
+    """Take step `step` of chain `chain_id` if it is the chain's next step; see module doc."""
+    ctx = await services.db(repo.load_step_context, services.sessions, chain_id)
+    if (early := _precheck(ctx, step)) is not None:
+        return early
+    rec = await _propose(services, ctx, step, max_attempts)
+    if isinstance(rec, Outcome):
+        return rec
+    return _committed(
+        ctx, step, await services.db(repo.commit_step, services.sessions, ctx, _write(rec))
+    )
+
+
+def advance_blocking(services: Services, chain_id: int, step: int, *, max_attempts: int) -> Outcome:
+    """`advance` for a caller with its own thread (a Celery task): the SQL runs on that thread.
+
+    Saves the two hand-offs to the database thread pool per step; the server calls still run
+    on the process's event loop.
+    """
+    from qalign.sampling.loop import run_sync
+
+    ctx = repo.load_step_context(services.sessions, chain_id)
+    if (early := _precheck(ctx, step)) is not None:
+        return early
+    rec = run_sync(_propose(services, ctx, step, max_attempts))
+    if isinstance(rec, Outcome):
+        return rec
+    return _committed(ctx, step, repo.commit_step(services.sessions, ctx, _write(rec)))

@@ -1,0 +1,161 @@
+"""The two statements every step runs, at the driver level.
+
+A step reads one chain row and later commits one proposal plus the chain's new state. Through
+the ORM those two transactions cost more CPU than the rest of the step (session set-up, cache
+keys, compilation, result processing), so they are written here as fixed SQL strings executed on
+the pooled DBAPI connection. Everything else in `repo` keeps using SQLAlchemy.
+
+PostgreSQL commits with one statement in autocommit mode (the compare-and-set UPDATE feeds the
+INSERT through a CTE, so the proposal exists iff the chain moved) and reads in autocommit mode:
+one round trip each. SQLite takes the write lock up front (`BEGIN IMMEDIATE`) so concurrent
+committers queue on the busy timeout instead of failing to upgrade a read lock.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Any
+
+import orjson
+from sqlalchemy import Engine
+
+FINAL = ("done", "failed", "cancelled")
+
+
+def _dumps(value: Any) -> str:
+    # compact, and fast: token lists are most of a proposal's bytes and of a step's JSON work
+    return orjson.dumps(value).decode()
+
+
+_CHAIN_SQL = (
+    "SELECT run_id, prompt_id, rng_key, seed, target_steps, current_step, status, attempts, "
+    "state_tokens, state_logprobs, state_reward, state_finish, state_text, updated_at "
+    "FROM chains WHERE id = %(id)s"
+)
+_PROPOSAL_COLUMNS = (
+    "chain_id", "run_id", "step", "cut", "new_tokens", "response_len", "text", "reward",
+    "log_a", "alpha", "accepted", "finish", "reject_reason", "gen_seed", "gen_tokens",
+    "reward_tokens", "gen_latency_ms", "reward_latency_ms", "endpoint", "worker", "created_at",
+)  # fmt: skip
+_JSON_PARAMS = ("new_tokens", "state_tokens", "state_logprobs")
+_UPDATE_SQL = (
+    "UPDATE chains SET current_step = %(step)s, state_tokens = %(state_tokens)s{json}, "
+    "state_logprobs = %(state_logprobs)s{json}, state_reward = %(state_reward)s, "
+    "state_finish = %(state_finish)s, state_text = %(state_text)s, status = %(status)s, "
+    "attempts = 0, last_error = NULL, updated_at = %(created_at)s, "
+    "accepted_steps = accepted_steps + %(accepted_inc)s, "
+    "rejected_with_reason = rejected_with_reason + %(rejected_inc)s, "
+    "first_step_at = COALESCE(first_step_at, %(created_at)s), last_step_at = %(created_at)s "
+    "WHERE id = %(chain_id)s AND current_step = %(prev)s "
+    "AND status NOT IN ('done', 'failed', 'cancelled')"
+)
+
+
+def _param(col: str, pg: bool) -> str:
+    return f"%({col})s::json" if pg and col in _JSON_PARAMS else f"%({col})s"
+
+
+def _sqlite(sql: str) -> str:
+    """psycopg's `%(name)s` placeholders as sqlite3's `:name`."""
+    return re.sub(r"%\((\w+)\)s", r":\1", sql)
+
+
+_PG_COMMIT = (
+    "WITH moved AS (" + _UPDATE_SQL.format(json="::json") + " RETURNING id) "
+    f"INSERT INTO proposals ({', '.join(_PROPOSAL_COLUMNS)}) "
+    f"SELECT {', '.join(_param(c, True) for c in _PROPOSAL_COLUMNS)} FROM moved RETURNING id"
+)
+_SQLITE_UPDATE = _sqlite(_UPDATE_SQL.format(json=""))
+_SQLITE_INSERT = _sqlite(
+    f"INSERT INTO proposals ({', '.join(_PROPOSAL_COLUMNS)}) "
+    f"VALUES ({', '.join(_param(c, False) for c in _PROPOSAL_COLUMNS)})"
+)
+_SQLITE_CHAIN = _sqlite(_CHAIN_SQL)
+
+
+def _sqlite_time(t: dt.datetime) -> str:
+    # The layout SQLAlchemy's SQLite DateTime stores (UTC, no offset), so both paths sort alike.
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def read_chain(engine: Engine, chain_id: int) -> tuple[Any, ...] | None:
+    """The chain's row (see `_CHAIN_SQL`), JSON columns decoded; None if there is no such chain."""
+    conn = engine.raw_connection()
+    try:
+        if engine.dialect.name == "postgresql":
+            driver: Any = conn.driver_connection
+            driver.autocommit = True
+            try:
+                cur = conn.cursor()
+                cur.execute(_CHAIN_SQL, {"id": chain_id})
+                row = cur.fetchone()
+            finally:
+                driver.autocommit = False
+            return None if row is None else tuple(row)
+        cur = conn.cursor()
+        cur.execute(_SQLITE_CHAIN, {"id": chain_id})
+        row = cur.fetchone()
+        conn.rollback()
+    finally:
+        conn.close()
+    if row is None:
+        return None
+    row = list(row)
+    for i in (8, 9):  # state_tokens, state_logprobs: JSON text in SQLite
+        if isinstance(row[i], str):
+            row[i] = orjson.loads(row[i])
+    if isinstance(row[13], str):  # stored by SQLAlchemy's SQLite DateTime: UTC, no offset
+        row[13] = dt.datetime.fromisoformat(row[13]).replace(tzinfo=dt.UTC)
+    return tuple(row)
+
+
+def commit(engine: Engine, params: dict[str, Any]) -> bool:
+    """Move the chain from `prev` to `step` and insert its proposal, atomically.
+
+    Returns False (and changes nothing) when the chain is not at `prev` or is finished, or when
+    a proposal for (chain, step) exists. `params` holds every proposal column plus the chain's
+    new state; list values of the JSON columns are encoded here.
+    """
+    p = dict(params)
+    p["accepted_inc"] = int(p["step"] > 0 and bool(p["accepted"]))
+    p["rejected_inc"] = int(p["reject_reason"] is not None)
+    for key in _JSON_PARAMS:
+        if p[key] is not None:
+            p[key] = _dumps(p[key])
+    conn = engine.raw_connection()
+    try:
+        if engine.dialect.name == "postgresql":
+            import psycopg
+
+            driver: Any = conn.driver_connection
+            driver.autocommit = True
+            try:
+                cur = conn.cursor()
+                cur.execute(_PG_COMMIT, p)
+                return cur.fetchone() is not None
+            except psycopg.IntegrityError:
+                return False
+            finally:
+                driver.autocommit = False
+        import sqlite3
+
+        p["created_at"] = _sqlite_time(p["created_at"])
+        cur = conn.cursor()
+        try:
+            cur.execute("BEGIN IMMEDIATE")
+            cur.execute(_SQLITE_UPDATE, p)
+            if cur.rowcount != 1:
+                conn.rollback()
+                return False
+            cur.execute(_SQLITE_INSERT, p)
+            conn.commit()
+            return True
+        except sqlite3.IntegrityError:
+            conn.rollback()
+            return False
+        except BaseException:
+            conn.rollback()
+            raise
+    finally:
+        conn.close()
