@@ -496,8 +496,13 @@ def worker_command(
     app.conf.broker_url = broker or os.environ.get("QALIGN_BROKER_URL") or app.conf.broker_url
     name = node_name or f"qalign@{socket.gethostname()}-{os.getpid()}"
     os.environ["QALIGN_WORKER_NAME"] = name
-    app.worker_main(
-        [
+    from celery.bin.celery import celery as celery_cli
+
+    # Not `app.worker_main`: it drops the worker's exit code, so a worker that stopped on an
+    # unrecoverable error exited 0 and `restart: on-failure` supervisors left it down.
+    code = celery_cli.main(
+        args=[
+            "--app=qalign.workers.app:app",  # the `app` configured above (same module object)
             "worker",
             "--pool=threads",
             f"--concurrency={concurrency}",
@@ -505,8 +510,11 @@ def worker_command(
             f"--loglevel={loglevel}",
             "--without-gossip",
             "--without-mingle",
-        ]
+        ],
+        standalone_mode=False,
     )
+    if code:
+        sys.exit(code)
 
 
 # ---- qalign export ---------------------------------------------------------------------------

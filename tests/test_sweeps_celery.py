@@ -173,25 +173,10 @@ def test_duplicate_and_concurrent_delivery_change_nothing(backend, sqlite_url, p
 
 
 def test_duplicate_celery_messages_make_one_proposal(pg_url, tmp_path, toy, broker):
-    from qalign.scheduler.dispatch import CeleryDispatcher
-    from qalign.workers.app import make_app
 
     cfg = sweep_config("dupmsg", *toy, prompts=2, beta=1.0, steps=4, chains=2)
     _create(pg_url, tmp_path, cfg, broker)
-    import os
-
-    os.environ.update(broker.env())
-    try:
-        dispatcher = CeleryDispatcher(make_app(broker.url))
-        sessions = make_sessionmaker(make_engine(pg_url))
-        with sessions() as s:
-            ids = s.execute(select(Chain.id)).scalars().all()
-        for cid in ids:  # every first step three times
-            for _ in range(3):
-                dispatcher.enqueue(cid, 0)
-    finally:
-        for key in broker.env():
-            os.environ.pop(key, None)
+    _send_hints(broker, [(cid, 0) for cid in _chain_ids(pg_url) for _ in range(3)])
     with workers(Worker("dup@host", pg_url, broker, concurrency=8)):
         wait_done(pg_url, 4)
         time.sleep(1.0)  # let the extra copies be consumed too
@@ -203,6 +188,23 @@ def test_worker_refuses_a_database_not_at_head(sqlite_url, broker):
     out = cli("worker", "--database", sqlite_url, env=broker.env(), timeout=60)
     assert out.returncode != 0
     assert "qalign db upgrade" in out.stderr
+
+
+def _send_hints(broker, items):
+    """Publish (chain, step) messages on the test's queue, as a scheduler would."""
+    import os
+
+    from qalign.scheduler.dispatch import CeleryDispatcher
+    from qalign.workers.app import make_app
+
+    os.environ.update(broker.env())
+    try:
+        dispatcher = CeleryDispatcher(make_app(broker.url))
+        for cid, step in items:
+            dispatcher.enqueue(cid, step)
+    finally:
+        for key in broker.env():
+            os.environ.pop(key, None)
 
 
 def _chain_ids(db_url):
@@ -230,8 +232,6 @@ def test_a_task_runs_several_steps_of_its_chain(pg_url, tmp_path, toy, broker):
 
 def test_a_stale_redelivery_adopts_an_orphaned_chain(pg_url, tmp_path, toy, broker):
     """A message for a step already taken adopts the chain only when the chain sat idle."""
-    from qalign.scheduler.dispatch import CeleryDispatcher
-    from qalign.workers.app import make_app
 
     cfg = sweep_config("orphan", *toy, prompts=1, beta=1.0, steps=5, chains=2)
     _create(pg_url, tmp_path, cfg, broker)
@@ -252,16 +252,7 @@ def test_a_stale_redelivery_adopts_an_orphaned_chain(pg_url, tmp_path, toy, brok
     # As if the worker that took step 1 of `orphan` died before enqueueing step 2, an hour ago.
     with sessions.begin() as s:
         s.get(Chain, orphan).updated_at = s.get(Chain, orphan).updated_at - dt.timedelta(hours=1)
-    import os
-
-    os.environ.update(broker.env())
-    try:
-        dispatcher = CeleryDispatcher(make_app(broker.url))
-        for cid in (orphan, live):  # the redelivered messages of the step both chains took
-            dispatcher.enqueue(cid, 1)
-    finally:
-        for key in broker.env():
-            os.environ.pop(key, None)
+    _send_hints(broker, [(orphan, 1), (live, 1)])  # redeliveries of a step both chains took
     with workers(Worker("adopt@host", pg_url, broker, concurrency=4)):
         wait_done(pg_url, 1)
         deadline = time.monotonic() + 30

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import orjson
@@ -79,19 +81,27 @@ def _sqlite_time(t: dt.datetime) -> str:
     return t.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
+@contextmanager
+def _autocommit(conn: Any) -> Iterator[None]:
+    """One statement, one round trip: no BEGIN/COMMIT around it. Restored before the connection
+    goes back to the pool, where SQLAlchemy expects transactions."""
+    driver = conn.driver_connection
+    driver.autocommit = True
+    try:
+        yield
+    finally:
+        driver.autocommit = False
+
+
 def read_chain(engine: Engine, chain_id: int) -> tuple[Any, ...] | None:
     """The chain's row (see `_CHAIN_SQL`), JSON columns decoded; None if there is no such chain."""
     conn = engine.raw_connection()
     try:
         if engine.dialect.name == "postgresql":
-            driver: Any = conn.driver_connection
-            driver.autocommit = True
-            try:
+            with _autocommit(conn):
                 cur = conn.cursor()
                 cur.execute(_CHAIN_SQL, {"id": chain_id})
                 row = cur.fetchone()
-            finally:
-                driver.autocommit = False
             return None if row is None else tuple(row)
         cur = conn.cursor()
         cur.execute(_SQLITE_CHAIN, {"id": chain_id})
@@ -128,16 +138,13 @@ def commit(engine: Engine, params: dict[str, Any]) -> bool:
         if engine.dialect.name == "postgresql":
             import psycopg
 
-            driver: Any = conn.driver_connection
-            driver.autocommit = True
-            try:
+            with _autocommit(conn):
                 cur = conn.cursor()
-                cur.execute(_PG_COMMIT, p)
+                try:
+                    cur.execute(_PG_COMMIT, p)
+                except psycopg.IntegrityError:
+                    return False
                 return cur.fetchone() is not None
-            except psycopg.IntegrityError:
-                return False
-            finally:
-                driver.autocommit = False
         import sqlite3
 
         p["created_at"] = _sqlite_time(p["created_at"])

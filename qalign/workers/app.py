@@ -46,6 +46,10 @@ def make_app(broker: str | None = None) -> Celery:
         worker_hijack_root_logger=False,
         task_default_queue=os.environ.get("QALIGN_QUEUE", "qalign"),
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        # Celery's consumer, except that kombu's AttributeError on a channel of a connection
+        # lost to a broker restart (discarding it, or acking on it later) does not stop the
+        # worker (see the module).
+        worker_consumer="qalign.workers.consumer:BrokerRestartSafeConsumer",
         # Keep publishing through a broker restart (~40 s of retries) so the next-step hint of a
         # committed step survives it; past that the reaper re-enqueues the chain.
         task_publish_retry_policy={
