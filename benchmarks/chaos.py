@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import glob
 import json
@@ -721,9 +722,25 @@ def record(report: Report, command: str) -> None:
     path.write_text(text.rstrip("\n") + "\n" + entry)
 
 
+def _jsonable(value: Any) -> Any:
+    """The report as JSON: tuple keys joined, anything else unknown as its str()."""
+    if isinstance(value, dict):
+        return {
+            "/".join(map(str, k)) if isinstance(k, tuple) else str(k): _jsonable(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--short", action="store_true", help="the CI form (fewer faults)")
+    parser.add_argument(
+        "--short", "--quick", action="store_true", help="the CI form (fewer faults)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")
     args = parser.parse_args()
@@ -734,6 +751,10 @@ def main() -> int:
     if args.record:
         cmd = ".venv/bin/python benchmarks/chaos.py" + (" --short" if args.short else "")
         record(report, cmd + (f" --seed {args.seed}" if args.seed else ""))
+    out = Path(os.environ.get("QALIGN_BENCH_OUT") or ROOT / "benchmarks" / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    doc = _jsonable({"ok": report.ok, **dataclasses.asdict(report)})
+    (out / f"chaos{'-short' if args.short else ''}.json").write_text(json.dumps(doc, indent=2))
     return 0 if report.ok else 1
 
 

@@ -275,7 +275,7 @@ def test_pool_sizes_from_arguments_and_environment(
     pg = make_engine(pg_url)
     assert pg.dialect.driver == "psycopg"
     assert isinstance(pg.pool, QueuePool) and pg.pool.size() == 32
-    assert pg.pool._pre_ping
+    assert not pg.pool._pre_ping  # idle connections are pinged by our checkout hook instead
     pg.dispose()
     monkeypatch.setenv("QALIGN_DB_POOL_SIZE", "5")
     monkeypatch.setenv("QALIGN_DB_MAX_OVERFLOW", "0")
@@ -763,3 +763,36 @@ def test_head_constant_is_alembics_head() -> None:
     from qalign.storage import migrate
 
     assert migrate.head_revision() == migrate.HEAD
+
+
+@pytest.mark.parametrize("idle", [False, True])
+def test_step_statements_survive_a_postgres_restart_of_their_connections(
+    pg_url: str, idle: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pooled connections killed server-side (as by a restart) are replaced, not raised.
+
+    A recently used connection is not pinged: its first statement fails and runs again on a
+    fresh connection. One idle for longer than PING_AFTER_IDLE_S is pinged and replaced.
+    """
+    from qalign.storage import engine as engine_mod
+    from qalign.storage import repo
+
+    if idle:
+        monkeypatch.setattr(engine_mod, "PING_AFTER_IDLE_S", 0.0)
+    upgrade(pg_url)
+    eng = make_engine(pg_url, pool_size=2, max_overflow=0)
+    sessions = make_sessionmaker(eng)
+    with sessions.begin() as s:
+        _, run, _, chain = _graph(s)
+        run.config = {"generator_model": "gen", "beta": 1.0}
+        chain_id = chain.id
+    ctx = repo.load_step_context(sessions, chain_id)
+    with make_engine(pg_url).connect() as admin:
+        killed = admin.execute(
+            text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                 "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        ).all()  # fmt: skip
+    assert killed  # the pool's connections are gone on the server side
+    assert repo.commit_step(sessions, ctx, _step_write(0, (5, 6, 7)))
+    assert repo.load_step_context(sessions, chain_id).current_step == 0
+    eng.dispose()

@@ -12,12 +12,13 @@ import functools
 import json
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool, StaticPool
 
@@ -159,6 +160,32 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+# A pooled PostgreSQL connection idle for longer than this is pinged before use. A busy worker
+# reuses its connections within milliseconds, and a ping on every checkout (SQLAlchemy's
+# `pool_pre_ping`) cost as much CPU as the step's own statements; a connection that dies while
+# in use is handled where it is used (the step's statements reconnect once, `hotpath`).
+PING_AFTER_IDLE_S = 2.0
+
+
+def _note_checkin(_dbapi_connection: Any, record: Any) -> None:
+    record.info["idle_since"] = time.monotonic()
+
+
+def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    since = record.info.get("idle_since")
+    if since is None or time.monotonic() - since < PING_AFTER_IDLE_S:
+        return
+    import psycopg
+
+    try:
+        with dbapi_connection.cursor() as cur:
+            cur.execute("SELECT 1")
+        dbapi_connection.rollback()
+    except psycopg.Error as exc:
+        # The pool discards this connection and checks out (or opens) another one.
+        raise DisconnectionError(f"stale pooled connection: {exc}") from exc
+
+
 def make_engine(
     url: str | URL,
     *,
@@ -176,7 +203,8 @@ def make_engine(
     SQLite: every connection gets WAL journaling, `busy_timeout` 30 s, `synchronous=NORMAL` and
     foreign keys ON (which `ON DELETE CASCADE` needs); connections may move between threads. An
     in-memory database uses one shared connection (a pool would give each connection its own
-    empty database). PostgreSQL: `pool_pre_ping`, a 10 s connect timeout.
+    empty database). PostgreSQL: connections idle for 2 s are pinged before use, a 10 s connect
+    timeout.
 
     The engine is lazy: a wrong host or password shows up at the first connection (use
     `open_connection` for a clear error). A SQLite file whose directory is missing is reported
@@ -215,7 +243,6 @@ def make_engine(
             connect_args["application_name"] = "qalign"
         kwargs.update(
             connect_args=connect_args,
-            pool_pre_ping=True,
             pool_size=size,
             max_overflow=overflow,
             pool_timeout=pool_timeout,
@@ -229,6 +256,9 @@ def make_engine(
         ) from exc
     if backend == "sqlite":
         event.listen(engine, "connect", _sqlite_on_connect)
+    else:
+        event.listen(engine, "checkin", _note_checkin)
+        event.listen(engine, "checkout", _ping_if_idle)
     return engine
 
 

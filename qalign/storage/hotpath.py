@@ -90,28 +90,51 @@ def _autocommit(conn: Any) -> Iterator[None]:
     try:
         yield
     finally:
-        driver.autocommit = False
+        if not driver.broken:
+            driver.autocommit = False
+
+
+def _pg_one(engine: Engine, sql: str, params: dict[str, Any]) -> tuple[Any, ...] | None:
+    """Run one statement in autocommit mode and return its first row.
+
+    A pooled connection that turns out dead (the server restarted since it was last used) is
+    dropped and the statement runs once more on a fresh one. For the commit that is safe even if
+    the first attempt did reach the server: the compare-and-set makes the second one a no-op.
+    """
+    import psycopg
+
+    for attempt in (1, 2):
+        conn = engine.raw_connection()
+        try:
+            with _autocommit(conn):
+                cur = conn.cursor()
+                cur.execute(sql, params)
+                row = cur.fetchone()
+                return None if row is None else tuple(row)
+        except psycopg.OperationalError:
+            if attempt == 2 or not getattr(conn.driver_connection, "broken", False):
+                raise
+            conn.invalidate()
+        finally:
+            conn.close()
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def read_chain(engine: Engine, chain_id: int) -> tuple[Any, ...] | None:
     """The chain's row (see `_CHAIN_SQL`), JSON columns decoded; None if there is no such chain."""
+    if engine.dialect.name == "postgresql":
+        return _pg_one(engine, _CHAIN_SQL, {"id": chain_id})
     conn = engine.raw_connection()
     try:
-        if engine.dialect.name == "postgresql":
-            with _autocommit(conn):
-                cur = conn.cursor()
-                cur.execute(_CHAIN_SQL, {"id": chain_id})
-                row = cur.fetchone()
-            return None if row is None else tuple(row)
         cur = conn.cursor()
         cur.execute(_SQLITE_CHAIN, {"id": chain_id})
-        row = cur.fetchone()
+        found = cur.fetchone()
         conn.rollback()
     finally:
         conn.close()
-    if row is None:
+    if found is None:
         return None
-    row = list(row)
+    row = list(found)
     for i in (8, 9):  # state_tokens, state_logprobs: JSON text in SQLite
         if isinstance(row[i], str):
             row[i] = orjson.loads(row[i])
@@ -133,18 +156,15 @@ def commit(engine: Engine, params: dict[str, Any]) -> bool:
     for key in _JSON_PARAMS:
         if p[key] is not None:
             p[key] = _dumps(p[key])
+    if engine.dialect.name == "postgresql":
+        import psycopg
+
+        try:
+            return _pg_one(engine, _PG_COMMIT, p) is not None
+        except psycopg.IntegrityError:
+            return False
     conn = engine.raw_connection()
     try:
-        if engine.dialect.name == "postgresql":
-            import psycopg
-
-            with _autocommit(conn):
-                cur = conn.cursor()
-                try:
-                    cur.execute(_PG_COMMIT, p)
-                except psycopg.IntegrityError:
-                    return False
-                return cur.fetchone() is not None
         import sqlite3
 
         p["created_at"] = _sqlite_time(p["created_at"])

@@ -109,14 +109,14 @@ def step_task(self: Any, chain_id: int, step: int) -> str:
 
     One message per step costs more CPU in the broker round trip (publish, fetch, ack) than the
     step's own SQL, so a task keeps advancing its chain for up to `$QALIGN_STEPS_PER_TASK` steps
-    (default 8) or `$QALIGN_TASK_BUDGET_S` seconds (default 10), then enqueues the next step.
+    (default 16) or `$QALIGN_TASK_BUDGET_S` seconds (default 10), then enqueues the next step.
     Each step is still its own compare-and-set commit: a task killed midway loses nothing, and
     its redelivered message adopts the chain once it has been idle (see `execute._precheck`).
     """
     from qalign.workers.execute import Result, advance_blocking
 
     chain_id, step = int(chain_id), int(step)
-    per_task = max(1, int(_env_float("QALIGN_STEPS_PER_TASK", 8)))
+    per_task = max(1, int(_env_float("QALIGN_STEPS_PER_TASK", 16)))
     deadline = time.monotonic() + _env_float("QALIGN_TASK_BUDGET_S", 10.0)
     svc = services()
     for taken in range(1, per_task + 1):
