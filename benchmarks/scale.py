@@ -502,7 +502,7 @@ def purge(queue: str) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="400 chains x 10 steps (< 2 min)")
+    ap.add_argument("--quick", action="store_true", help="400 chains x 24 steps (< 2 min)")
     ap.add_argument("--prompts", type=int, default=None)
     ap.add_argument("--chains-per-prompt", type=int, default=None, help="per prompt and run")
     ap.add_argument("--steps", type=int, default=None)
@@ -515,7 +515,7 @@ def main() -> None:
     args = ap.parse_args()
     prompts = args.prompts or (10 if args.quick else 100)
     per_prompt = args.chains_per_prompt or (20 if args.quick else 50)
-    steps = args.steps or (10 if args.quick else 50)
+    steps = args.steps or (24 if args.quick else 50)
     budget = args.real_seconds or (5.0 if args.quick else 600.0)
     reps = args.reps if not args.quick else min(args.reps, 3)
     n_chains = 2 * prompts * per_prompt
@@ -567,6 +567,9 @@ def main() -> None:
         scheduler["run"] = {"seconds": run.seconds, "peak_rss": run.peak_rss}
         with pg(pg_url) as conn:
             # Stop before any chain takes its last step, so `resume` finds every chain unfinished.
+            # (A Celery task runs up to 16 steps of its chain before requeueing it, so a sweep
+            # needs well over 16 steps for every chain to have moved when the first one is near
+            # its end: hence 24 steps even in --quick.)
             p1 = drive(
                 conn,
                 workers,

@@ -44,9 +44,7 @@ def _pending(
                 step0_chain[pid] = chain_id
         prompt_ids = {k[0] for k in groups}
         messages: dict[int, list[dict[str, Any]]] = dict(
-            s.execute(select(Prompt.id, Prompt.messages).where(Prompt.id.in_(prompt_ids)))
-            .tuples()
-            .all()
+            s.execute(select(Prompt.id, Prompt.messages).where(Prompt.id.in_(prompt_ids))).all()
         )
     return groups, messages, step0_chain
 

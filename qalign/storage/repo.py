@@ -529,12 +529,8 @@ def sweep_status(sessions: Sessions, sweep_id: int) -> list[RunStatus]:
             .where(Run.sweep_id == sweep_id)
             .group_by(Chain.run_id)
         ).all()
-        names = dict(
-            s.execute(select(Run.id, Run.name).where(Run.sweep_id == sweep_id)).tuples().all()
-        )
-        methods = dict(
-            s.execute(select(Run.id, Run.method).where(Run.sweep_id == sweep_id)).tuples().all()
-        )
+        names = dict(s.execute(select(Run.id, Run.name).where(Run.sweep_id == sweep_id)).all())
+        methods = dict(s.execute(select(Run.id, Run.method).where(Run.sweep_id == sweep_id)).all())
         kinds: dict[int, dict[str, int]] = {}
         for run_id, kind, n in s.execute(
             select(StepError.run_id, StepError.kind, func.count())
@@ -597,9 +593,7 @@ def error_summary(sessions: Sessions, sweep_id: int) -> list[ErrorSummary]:
             row.id: row
             for row in s.execute(select(StepError).where(StepError.id.in_(last_ids))).scalars()
         }
-        names = dict(
-            s.execute(select(Run.id, Run.name).where(Run.sweep_id == sweep_id)).tuples().all()
-        )
+        names = dict(s.execute(select(Run.id, Run.name).where(Run.sweep_id == sweep_id)).all())
     out = [
         ErrorSummary(
             run_name=names[run_id],
