@@ -338,28 +338,16 @@ def _broker_errors(url: str) -> Iterator[None]:
     """Turn "cannot reach the broker" into one line naming the broker (password hidden)."""
     from kombu.exceptions import OperationalError
 
-    from qalign.storage.engine import redact_url
+    from qalign.storage.engine import redact_password, redact_url
 
     try:
         yield
     except OperationalError as exc:
-        password = _url_password(url)
-        detail = str(exc).replace(password, "***") if password else str(exc)
+        detail = redact_password(str(exc), url)
         _fail(
             f"cannot reach the Celery broker {redact_url(url)}: {detail}. Is it running? Choose "
             "it with --broker or $QALIGN_BROKER_URL."
         )
-
-
-def _url_password(url: str) -> str | None:
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        password = make_url(url).password
-    except (ArgumentError, ValueError):
-        return None
-    return str(password) if password else None
 
 
 @sweep_group.command("cancel")

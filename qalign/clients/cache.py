@@ -8,18 +8,18 @@ reward-model evaluation per process.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
+
+import orjson
 
 from qalign.clients.base import Conversation, RewardModel, score_with_tokens
 
 
 def _key(conv: Conversation) -> bytes:
-    return hashlib.blake2b(
-        json.dumps(conv, sort_keys=True, ensure_ascii=False).encode(), digest_size=16
-    ).digest()
+    # hashed on every step: orjson, not the standard library's encoder
+    return hashlib.blake2b(orjson.dumps(conv, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
 
 
 class CachedReward:

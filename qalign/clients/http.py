@@ -657,17 +657,12 @@ def _identity(value: Any) -> Any:
     return value
 
 
-_NO_JSON = object()
-
-
 def _decode(url: str, raw: bytes, parse: Callable[[Any], T], as_text: bool) -> T:
     if as_text:
         return parse(raw.decode("utf-8", "replace"))
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        data = _NO_JSON
-    if data is _NO_JSON:
         try:  # Python's parser also takes NaN/Infinity, which some servers emit for scores
             data = json.loads(raw)
         except ValueError as exc:

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from qalign.storage import repo
 from qalign.storage.models import Chain, ChainStatus, Run
-from qalign.workers.execute import Result, Services, advance
+from qalign.workers.execute import Outcome, Result, Services, advance
 
 
 @dataclass
@@ -82,29 +82,39 @@ async def run_locally(
     run_of = await services.db(_run_of, sessions, [cid for cid, _ in todo]) if bars else {}
     limiter = asyncio.Semaphore(concurrency)
 
+    async def take(chain_id: int, step: int) -> Outcome:
+        """One step under the concurrency limit, counted in the report and the progress bar."""
+        async with limiter:
+            out = await advance(services, chain_id, step, max_attempts=max_attempts)
+        report.results[out.result.value] += 1
+        if out.result is Result.COMMITTED:
+            report.committed += 1
+            if chain_id in run_of:
+                bars[run_of[chain_id]].update(1)
+        elif out.result is Result.FAILED:
+            report.failures += 1
+            if out.chain_status != ChainStatus.PENDING.value:
+                report.failed_chains.append(chain_id)
+        elif out.result is Result.DUPLICATE:
+            report.duplicates += 1
+        return out
+
+    def retried(out: Outcome) -> bool:
+        """A failed step whose chain still has attempts left."""
+        return out.result is Result.FAILED and out.chain_status == ChainStatus.PENDING.value
+
     async def drive(chain_id: int, step: int) -> None:
         tries = 0
         next_step: int | None = step
         while next_step is not None:
-            async with limiter:
-                out = await advance(services, chain_id, next_step, max_attempts=max_attempts)
-            report.results[out.result.value] += 1
+            out = await take(chain_id, next_step)
             if out.result is Result.COMMITTED:
-                report.committed += 1
                 tries = 0
-                if chain_id in run_of:
-                    bars[run_of[chain_id]].update(1)
                 next_step = out.next_step
-            elif out.result is Result.FAILED:
-                report.failures += 1
-                if out.chain_status != ChainStatus.PENDING.value:
-                    report.failed_chains.append(chain_id)
-                    return
+            elif retried(out):
                 tries += 1
                 await asyncio.sleep(backoff * (2 ** min(tries, 6)) * random.uniform(0.5, 1.0))
             else:
-                if out.result is Result.DUPLICATE:
-                    report.duplicates += 1
                 return
 
     async def lockstep_all() -> None:
@@ -114,23 +124,10 @@ async def run_locally(
             batch = [cid for cid, step in pending.items() if step == level]
 
             async def one(cid: int, level: int = level) -> None:
-                async with limiter:
-                    out = await advance(services, cid, level, max_attempts=max_attempts)
-                report.results[out.result.value] += 1
-                if out.result is Result.COMMITTED:
-                    report.committed += 1
-                    if cid in run_of:
-                        bars[run_of[cid]].update(1)
-                    if out.next_step is None:
-                        del pending[cid]
-                    else:
-                        pending[cid] = out.next_step
-                elif out.result is Result.FAILED and out.chain_status == ChainStatus.PENDING.value:
-                    report.failures += 1  # retried at this level in the next round
-                else:
-                    if out.result is Result.FAILED:
-                        report.failures += 1
-                        report.failed_chains.append(cid)
+                out = await take(cid, level)
+                if out.result is Result.COMMITTED and out.next_step is not None:
+                    pending[cid] = out.next_step
+                elif not retried(out):  # a retried step runs at this level in the next round
                     del pending[cid]
 
             await asyncio.gather(*(one(cid) for cid in batch))

@@ -61,6 +61,15 @@ def redact_url(url: str | URL) -> str:
         return _redact_unparsed(str(url))
 
 
+def redact_password(text: str, url: str | URL) -> str:
+    """`text` (e.g. a driver's error message) with the password of `url` replaced by `***`."""
+    try:
+        password = make_url(url).password
+    except (ArgumentError, ValueError):
+        return text
+    return text.replace(str(password), "***") if password else text
+
+
 def _parse(url: str | URL) -> URL:
     """Parse, normalise `postgres[ql]://` to psycopg 3, and check the backend is supported."""
     if isinstance(url, str) and not url.strip():
@@ -286,9 +295,7 @@ _UNREACHABLE = {"refused", "timeout", "unknown-host"}
 def _connection_error(url: URL, exc: BaseException) -> DatabaseConnectionError:
     shown = redact_url(url)
     detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    message = " ".join(line.strip() for line in detail[:2])
-    if url.password:
-        message = message.replace(str(url.password), "***")
+    message = redact_password(" ".join(line.strip() for line in detail[:2]), url)
     if url.get_backend_name() == "sqlite":
         return DatabaseConnectionError(
             f"cannot open the SQLite database {url.database!r} ({message}); check that the file "

@@ -22,8 +22,6 @@ from typing import Any
 import orjson
 from sqlalchemy import Engine
 
-FINAL = ("done", "failed", "cancelled")
-
 
 def _dumps(value: Any) -> str:
     # compact, and fast: token lists are most of a proposal's bytes and of a step's JSON work

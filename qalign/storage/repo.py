@@ -511,6 +511,8 @@ def sweep_status(sessions: Sessions, sweep_id: int) -> list[RunStatus]:
         chain_rows = s.execute(
             select(
                 Chain.run_id,
+                Run.name,
+                Run.method,
                 func.count(),
                 func.sum(case((Chain.status == ChainStatus.DONE.value, 1), else_=0)),
                 func.sum(case((Chain.status == ChainStatus.FAILED.value, 1), else_=0)),
@@ -527,10 +529,8 @@ def sweep_status(sessions: Sessions, sweep_id: int) -> list[RunStatus]:
             )
             .join(Run, Run.id == Chain.run_id)
             .where(Run.sweep_id == sweep_id)
-            .group_by(Chain.run_id)
+            .group_by(Chain.run_id, Run.name, Run.method)
         ).all()
-        names = dict(s.execute(select(Run.id, Run.name).where(Run.sweep_id == sweep_id)).all())
-        methods = dict(s.execute(select(Run.id, Run.method).where(Run.sweep_id == sweep_id)).all())
         kinds: dict[int, dict[str, int]] = {}
         for run_id, kind, n in s.execute(
             select(StepError.run_id, StepError.kind, func.count())
@@ -541,13 +541,13 @@ def sweep_status(sessions: Sessions, sweep_id: int) -> list[RunStatus]:
             kinds.setdefault(run_id, {})[kind] = int(n)
     out = []
     for row in chain_rows:
-        (run_id, n, done, failed, cancelled, errs, total, steps_done, mean_r,
+        (run_id, name, method, n, done, failed, cancelled, errs, total, steps_done, mean_r,
          mc, acc, rej, first, last) = row  # fmt: skip
         out.append(
             RunStatus(
                 run_id=run_id,
-                name=names[run_id],
-                method=methods[run_id],
+                name=name,
+                method=method,
                 chains=int(n),
                 chains_done=int(done or 0),
                 chains_failed=int(failed or 0),
