@@ -56,7 +56,6 @@ from sqlalchemy import func, select  # noqa: E402
 from sqlalchemy.exc import SQLAlchemyError  # noqa: E402
 
 from qalign.core import KernelConfig  # noqa: E402
-from qalign.scheduler.dispatch import CeleryDispatcher  # noqa: E402
 from qalign.scheduler.sweeps import reap  # noqa: E402
 from qalign.storage.engine import make_engine, make_sessionmaker  # noqa: E402
 from qalign.storage.migrate import upgrade  # noqa: E402
@@ -70,7 +69,6 @@ from qalign.toy.exact import (  # noqa: E402
 )
 from qalign.toy.model import ToyModel  # noqa: E402
 from qalign.toy.server import ToyServerOptions, serve_in_thread  # noqa: E402
-from qalign.workers.app import make_app  # noqa: E402
 from tests.sweeps_support import (  # noqa: E402
     Broker,
     Worker,
@@ -370,16 +368,15 @@ class Reaper(threading.Thread):
 
     def __init__(self, sessions: Any, broker: Broker, plan: Plan, report: Report) -> None:
         super().__init__(name="chaos-reaper", daemon=True)
-        app = make_app(broker.url)
-        app.conf.task_default_queue = broker.queue
-        self.dispatcher = CeleryDispatcher(app)
+        self.dispatcher = broker.dispatcher()
         self.sessions, self.plan, self.report = sessions, plan, report
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.wait(self.plan.reap_every):
             try:
-                self.report.reaped += reap(self.sessions, self.dispatcher, self.plan.stall_timeout)
+                # each sweep's own execution.stall_timeout, as `qalign sweep reap` does
+                self.report.reaped += reap(self.sessions, self.dispatcher, None)
             except Exception as exc:  # a service is down right now: count it, try next round
                 self.report.reap_failures += 1
                 self.report.events.append(f"reap failed: {type(exc).__name__}")
@@ -424,6 +421,7 @@ def run(plan: Plan, log: Any = print) -> Report:
         cfg["dataset"] = {"prompts": ["Answer yes or no."]}
         cfg["generator"].update(timeout=2.0, max_retries=4)
         cfg["reward"].update(timeout=2.0, max_retries=4)
+        cfg["execution"] = {"max_attempts": plan.max_attempts, "stall_timeout": plan.stall_timeout}
         path = write_config(tmp, cfg)
         out = cli("sweep", "create", str(path), "--database", db, env=broker.env())
         if out.returncode != 0:
@@ -443,7 +441,6 @@ def run(plan: Plan, log: Any = print) -> Report:
                 broker,
                 concurrency=plan.concurrency,
                 env={"QALIGN_DB_POOL_SIZE": str(plan.concurrency + 2)},
-                args=("--max-attempts", str(plan.max_attempts)),
             )
             alive.append(w)
             return w

@@ -23,9 +23,9 @@ from pathlib import Path
 from qalign.config import parse_config
 from qalign.scheduler.local import run_locally
 from qalign.scheduler.sweeps import create_sweep
+from qalign.steps.service import StepService
 from qalign.storage import ensure_schema, make_engine, make_sessionmaker
 from qalign.toy.server import ToyServerOptions, serve_in_thread
-from qalign.workers.execute import Services
 
 OUT = Path(os.environ.get("QALIGN_BENCH_OUT") or Path(__file__).resolve().parent / "results")
 PROFILE = {"capacity": 64, "latency_base": 0.02, "latency_per_token": 0.1}
@@ -51,13 +51,11 @@ def once(gen: str, rm: str, chains: int, steps: int, lockstep: bool) -> float:
         }
     )
     sweep_id, _ = create_sweep(sessions, cfg)
-    services = Services(sessions=sessions)
+    services = StepService(sessions, concurrency=4 * chains)
 
     async def go() -> None:
         try:
-            await run_locally(
-                services, sweep_id, concurrency=4 * chains, progress=False, lockstep=lockstep
-            )
+            await run_locally(services, sweep_id, progress=False, lockstep=lockstep)
         finally:
             await services.close()
 

@@ -29,13 +29,13 @@ from qalign.config import parse_config
 from qalign.core import KernelConfig, majority_vote
 from qalign.scheduler.local import run_locally
 from qalign.scheduler.sweeps import create_sweep
+from qalign.steps.service import StepService
 from qalign.storage import ensure_schema, make_engine, make_sessionmaker
 from qalign.storage.models import Chain, Proposal, Run, Sweep
 from qalign.storage.replay import replay
 from qalign.toy.exact import step_distribution, transition_matrix
 from qalign.toy.model import EOS, WORD_BASE, ToyModel
 from qalign.toy.server import ToyServerOptions, serve_in_thread
-from qalign.workers.execute import Services
 
 OUT = Path(os.environ.get("QALIGN_BENCH_OUT") or Path(__file__).resolve().parent / "results")
 MAX_NEW = 3
@@ -116,11 +116,11 @@ def run(samples: int, chains: int, steps: int) -> dict:
             config("qalign", "qalign", g.url, r.url, chains, steps),
         ):
             sweep_id, _ = create_sweep(sessions, parse_config(cfg))
-            services = Services(sessions=sessions)
+            services = StepService(sessions, concurrency=128)
 
-            async def go(services: Services = services, sweep_id: int = sweep_id) -> None:
+            async def go(services: StepService = services, sweep_id: int = sweep_id) -> None:
                 try:
-                    await run_locally(services, sweep_id, concurrency=128, progress=False)
+                    await run_locally(services, sweep_id, progress=False)
                 finally:
                     await services.close()
 

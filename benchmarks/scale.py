@@ -539,7 +539,6 @@ def main() -> None:
         "QALIGN_DB_POOL_SIZE": "12",
         "QALIGN_DB_MAX_OVERFLOW": "4",
     }
-    os.environ["QALIGN_QUEUE"] = queue  # for the in-process dispatcher below
     gen = ServerProc(served_model_names=("toy-lm",))
     rm = ServerProc(served_model_names=("toy-rm",))
     res: dict[str, Any] = {}
@@ -635,16 +634,15 @@ def main() -> None:
                     "queue_length": purge(queue),
                 }
             )
-        from qalign.scheduler.dispatch import CeleryDispatcher
+        from qalign.dispatch.celery import BrokerSettings, CeleryDispatcher, celery_app
         from qalign.scheduler.sweeps import enqueue_unfinished
         from qalign.storage import repo
         from qalign.storage.engine import make_engine, make_sessionmaker
-        from qalign.workers.app import make_app
 
         engine = make_engine(url)
         sessions = make_sessionmaker(engine)
         sweep_id = int(repo.find_sweep(sessions, "scale").id)
-        dispatcher = CeleryDispatcher(make_app(REDIS))
+        dispatcher = CeleryDispatcher(celery_app(BrokerSettings(url=REDIS, queue=queue)))
 
         def enqueue() -> None:
             purge(queue)

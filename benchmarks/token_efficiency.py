@@ -26,10 +26,10 @@ from qalign.clients.cache import CachedReward
 from qalign.config import parse_config
 from qalign.scheduler.local import run_locally
 from qalign.scheduler.sweeps import create_sweep
+from qalign.steps.service import StepService
 from qalign.storage import ensure_schema, make_engine, make_sessionmaker
 from qalign.storage.models import Proposal
 from qalign.toy.server import ToyServerOptions, serve_in_thread
-from qalign.workers.execute import Services
 
 OUT = Path(os.environ.get("QALIGN_BENCH_OUT") or Path(__file__).resolve().parent / "results")
 
@@ -61,7 +61,7 @@ def main() -> None:
             }
         )
         sweep_id, _ = create_sweep(sessions, cfg)
-        services = Services(sessions=sessions)
+        services = StepService(sessions)
 
         async def go() -> tuple[int, int]:
             try:

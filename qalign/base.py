@@ -6,23 +6,19 @@ conversation through the shared step function and returns every proposal, as the
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from tqdm import tqdm
-
-from qalign.clients.base import Conversation, RewardModel
-from qalign.core import KernelConfig, Method, index_distribution
+from qalign.clients.base import Conversation
+from qalign.core import kernel_config
+from qalign.model import RemoteVLLM
+from qalign.reward import RemoteReward
+from qalign.sampling.ancestral import ancestral_records, chain_specs, progress
 from qalign.sampling.local import run_chains
 from qalign.sampling.loop import run_sync
-from qalign.sampling.step import ChainSpec, StepRecord, ancestral_spec, initial_step
-
-if TYPE_CHECKING:
-    from qalign.model import RemoteVLLM
-    from qalign.reward import RemoteReward
+from qalign.sampling.step import ChainSpec, StepRecord
 
 
 @dataclass
@@ -60,64 +56,6 @@ def _record_dict(r: StepRecord) -> dict[str, Any]:
     }
 
 
-def _progress(total: int, enabled: bool, desc: str) -> tqdm[Any] | None:
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True) if enabled else None
-
-
-async def _chain_specs(
-    model: RemoteVLLM, conversations: Sequence[Conversation], kernel: KernelConfig, seed: int
-) -> list[ChainSpec]:
-    prompts = await asyncio.gather(*(model.prompt_ids(c) for c in conversations))
-    return [
-        ChainSpec(
-            key=str(i),
-            seed=seed,
-            prompt_ids=tuple(p),
-            messages=list(c),
-            kernel=kernel,
-            sampling=model.sampling,
-        )
-        for i, (c, p) in enumerate(zip(conversations, prompts, strict=True))
-    ]
-
-
-def ancestral_records(
-    model: RemoteVLLM,
-    reward: RemoteReward | None,
-    conversations: Sequence[Conversation],
-    n: int,
-    *,
-    seed: int | None,
-    use_tqdm: bool = False,
-) -> list[list[StepRecord]]:
-    """n independent LM samples per conversation, scored when `reward` is given."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    run_seed = secrets.randbits(31) if seed is None else seed
-    kernel = KernelConfig(beta=1.0, max_new_tokens=model.max_new_tokens)
-    bar = _progress(len(conversations) * n, use_tqdm, "ancestral")
-    rm: RewardModel | None = reward.reward if reward is not None else None
-
-    async def _run() -> list[list[StepRecord]]:
-        specs = await _chain_specs(model, conversations, kernel, run_seed)
-        limiter = asyncio.Semaphore(model.max_concurrent_requests)
-
-        async def one(spec: ChainSpec, k: int) -> StepRecord:
-            async with limiter:
-                rec = await initial_step(ancestral_spec(spec, k), model.generator, rm)
-            if bar is not None:
-                bar.update(1)
-            return rec
-
-        return [list(await asyncio.gather(*(one(s, k) for k in range(n)))) for s in specs]
-
-    try:
-        return run_sync(_run())
-    finally:
-        if bar is not None:
-            bar.close()
-
-
 class QAlign:
     """Metropolis-Hastings over responses with the LM as proposal (QAlign / QUEST).
 
@@ -146,11 +84,13 @@ class QAlign:
         self.beta = beta
         self.logratio_clamp = logratio_clamp
         self.seed = seed
-        self.kernel = KernelConfig(
+        if method not in ("qalign", "quest"):
+            raise ValueError(f"method must be 'qalign' or 'quest', got {method!r}")
+        self.kernel = kernel_config(
+            method,
             beta=beta,
             max_new_tokens=model.max_new_tokens,
-            method=Method(method),
-            index=index_distribution(index),
+            index=index,
             clamp=logratio_clamp,
         )
 
@@ -166,14 +106,14 @@ class QAlign:
             raise ValueError(f"steps must be >= 0, got {steps}")
         conversations = list(conversations)
         seed = secrets.randbits(31) if self.seed is None else self.seed
-        bar = _progress(len(conversations) * (steps + 1), use_tqdm, "QAlign")
+        bar = progress(len(conversations) * (steps + 1), use_tqdm, "QAlign")
 
         def tick(_spec: ChainSpec, _rec: StepRecord) -> None:
             if bar is not None:
                 bar.update(1)
 
         async def _run() -> list[list[StepRecord]]:
-            specs = await _chain_specs(self.model, conversations, self.kernel, seed)
+            specs = await chain_specs(self.model, conversations, self.kernel, seed)
             return await run_chains(
                 specs,
                 steps,
@@ -203,7 +143,7 @@ class QAlign:
     ) -> list[list[dict[str, Any]]]:
         """n independent scored samples per conversation: `completion`, `text`, `reward`."""
         records = ancestral_records(
-            self.model, self.rm, conversations, n, seed=self.seed, use_tqdm=use_tqdm
+            self.model, self.rm.reward, conversations, n, seed=self.seed, use_tqdm=use_tqdm
         )
         return [
             [

@@ -107,12 +107,12 @@ def demo(
     from qalign.sampling.loop import run_sync
     from qalign.scheduler.local import run_locally
     from qalign.scheduler.sweeps import create_sweep
+    from qalign.steps.service import StepService
     from qalign.storage import ensure_schema, make_engine, make_sessionmaker, redact_url
     from qalign.storage.models import Chain
     from qalign.toy.exact import step_distribution, total_variation, transition_matrix, tv_bound
     from qalign.toy.model import ToyModel
     from qalign.toy.server import ToyServerOptions, serve_in_thread
-    from qalign.workers.execute import Services
 
     max_new = 3
     toy = ToyModel()
@@ -141,13 +141,13 @@ def demo(
         sessions = make_sessionmaker(make_engine(url))
         sweep_id, _ = create_sweep(sessions, cfg)
         click.echo(f"sweep {cfg.name!r} stored in {shown}", err=True)
-        services = Services(sessions=sessions)
+        service = StepService(sessions, concurrency=64)
 
         async def go() -> object:
             try:
-                return await run_locally(services, sweep_id, concurrency=64)
+                return await run_locally(service, sweep_id)
             finally:
-                await services.close()
+                await service.close()
 
         run_sync(go())
     with sessions() as s:

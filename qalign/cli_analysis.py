@@ -352,21 +352,14 @@ def score_command(
     Example: qalign score gsm8k-ancestral --reward-url http://rm:8001 --reward-model skywork-rm
     """
     from qalign.analysis.score import run_score
+    from qalign.clients.spec import RewardSpec
     from qalign.storage import repo
 
     if bool(reward_url) != bool(reward_model):
         raise click.UsageError("--reward-url and --reward-model go together")
     section = None
-    if reward_url:
-        section = {
-            "format": reward_format,
-            "urls": list(reward_url),
-            "model": reward_model,
-            "timeout": 300.0,
-            "max_retries": 8,
-            "batch_size": 32,
-            "api_key_env": None,
-        }
+    if reward_url and reward_model:
+        section = RewardSpec(format=reward_format, urls=tuple(reward_url), model=reward_model)
     sessions = _sessions(database, upgrade=False)
     sweep_id = repo.find_sweep(sessions, sweep).id
     counts = run_score(sessions, sweep_id, section, force=force)

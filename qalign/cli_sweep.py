@@ -15,6 +15,13 @@ import click
 
 DB_HELP = "Database URL (default: $QALIGN_DATABASE_URL, else sqlite:///qalign.sqlite)."
 BROKER_HELP = "Celery broker URL (default: $QALIGN_BROKER_URL, else redis://127.0.0.1:6379/0)."
+QUEUE_OPTION = click.option(
+    "--queue",
+    envvar="QALIGN_QUEUE",
+    default="qalign",
+    show_default=True,
+    help="Celery queue of step messages ($QALIGN_QUEUE).",
+)
 
 
 def _fail(message: str) -> None:
@@ -190,7 +197,7 @@ def run_command(
     from qalign.sampling.loop import run_sync
     from qalign.scheduler.local import run_locally
     from qalign.scheduler.sweeps import create_sweep
-    from qalign.workers.execute import Services
+    from qalign.steps.service import StepService
 
     cfg = _load(config_path)
     sessions = _sessions(database, upgrade=True)
@@ -198,21 +205,19 @@ def run_command(
     click.echo(
         f"{'created' if created else 'resuming'} sweep {cfg.name!r} (id {sweep_id})", err=True
     )
-    services = Services(sessions=sessions)
+    service = StepService(sessions, concurrency=concurrency)
 
     async def go() -> Any:
         try:
             return await run_locally(
-                services,
+                service,
                 sweep_id,
-                concurrency=concurrency or cfg.execution.concurrency,
-                max_attempts=cfg.execution.max_attempts,
                 retry_failed=retry_failed,
                 progress=not quiet,
                 lockstep=lockstep,
             )
         finally:
-            await services.close()
+            await service.close()
 
     try:
         report = run_sync(go())
@@ -222,8 +227,9 @@ def run_command(
     print_status(sessions, sweep_id, as_json=False)
     if report.failed_chains:
         _fail(
-            f"{len(report.failed_chains)} chain(s) failed after {cfg.execution.max_attempts} "
-            "attempts; see `qalign sweep status` and rerun with --retry-failed"
+            f"{len(report.failed_chains)} chain(s) failed (execution.max_attempts="
+            f"{cfg.execution.max_attempts}); see `qalign sweep status` and rerun with "
+            "--retry-failed"
         )
 
 
@@ -297,40 +303,56 @@ def sweep_show(sweep: str, database: str | None) -> None:
 @click.argument("sweep")
 @click.option("--database", envvar="QALIGN_DATABASE_URL", help=DB_HELP)
 @click.option("--broker", envvar="QALIGN_BROKER_URL", help=BROKER_HELP)
-def sweep_run(sweep: str, database: str | None, broker: str | None) -> None:
+@QUEUE_OPTION
+def sweep_run(sweep: str, database: str | None, broker: str | None, queue: str) -> None:
     """Enqueue the next step of every unfinished chain for the Celery workers.
 
     Example: qalign sweep run my-sweep   (then start workers with `qalign worker`)
     """
-    _enqueue(sweep, database, broker, retry_failed=False)
+    _enqueue(sweep, database, broker, queue, retry_failed=False)
 
 
 @sweep_group.command("resume")
 @click.argument("sweep")
 @click.option("--database", envvar="QALIGN_DATABASE_URL", help=DB_HELP)
 @click.option("--broker", envvar="QALIGN_BROKER_URL", help=BROKER_HELP)
+@QUEUE_OPTION
 @click.option("--retry-failed", is_flag=True, help="Also revive chains that ran out of attempts.")
-def sweep_resume(sweep: str, database: str | None, broker: str | None, retry_failed: bool) -> None:
+def sweep_resume(
+    sweep: str, database: str | None, broker: str | None, queue: str, retry_failed: bool
+) -> None:
     """Re-enqueue every unfinished chain from its last committed step.
 
     Safe at any time (duplicates are harmless) and works after the broker lost every message.
 
     Example: qalign sweep resume my-sweep --retry-failed
     """
-    _enqueue(sweep, database, broker, retry_failed=retry_failed)
+    _enqueue(sweep, database, broker, queue, retry_failed=retry_failed)
 
 
-def _enqueue(sweep: str, database: str | None, broker: str | None, *, retry_failed: bool) -> None:
-    from qalign.scheduler.dispatch import CeleryDispatcher
+def _enqueue(
+    sweep: str, database: str | None, broker: str | None, queue: str, *, retry_failed: bool
+) -> None:
     from qalign.scheduler.sweeps import enqueue_unfinished
-    from qalign.workers.app import make_app
 
     sessions = _sessions(database, upgrade=False)
     sweep_id = _sweep_id(sessions, sweep)
-    app = make_app(broker)
-    with _broker_errors(app.conf.broker_url):
-        n = enqueue_unfinished(sessions, sweep_id, CeleryDispatcher(app), retry_failed=retry_failed)
+    dispatcher = _dispatcher(broker, queue)
+    with _broker_errors(dispatcher.app.conf.broker_url):
+        n = enqueue_unfinished(sessions, sweep_id, dispatcher, retry_failed=retry_failed)
     click.echo(f"enqueued {n} chain step(s) of sweep {sweep!r}")
+
+
+def _broker_settings(broker: str | None, queue: str) -> Any:
+    from qalign.dispatch.celery import DEFAULT_BROKER, BrokerSettings
+
+    return BrokerSettings(url=broker or DEFAULT_BROKER, queue=queue)
+
+
+def _dispatcher(broker: str | None, queue: str) -> Any:
+    from qalign.dispatch.celery import CeleryDispatcher, celery_app
+
+    return CeleryDispatcher(celery_app(_broker_settings(broker, queue)))
 
 
 @contextlib.contextmanager
@@ -383,34 +405,39 @@ def sweep_status(sweep: str, database: str | None, as_json: bool) -> None:
 @sweep_group.command("reap")
 @click.option("--database", envvar="QALIGN_DATABASE_URL", help=DB_HELP)
 @click.option("--broker", envvar="QALIGN_BROKER_URL", help=BROKER_HELP)
-@click.option("--stall-timeout", default=600.0, show_default=True, help="Seconds without progress.")
-@click.option("--every", type=float, help="Keep running, reaping every this many seconds.")
+@QUEUE_OPTION
+@click.option(
+    "--stall-timeout",
+    type=click.FloatRange(min=0),
+    help="Seconds without progress (default: each sweep's execution.stall_timeout).",
+)
+@click.option("--every", type=click.FloatRange(min=0, min_open=True),
+              help="Keep running, reaping every this many seconds.")  # fmt: skip
 def sweep_reap(
-    database: str | None, broker: str | None, stall_timeout: float, every: float | None
+    database: str | None,
+    broker: str | None,
+    queue: str,
+    stall_timeout: float | None,
+    every: float | None,
 ) -> None:
-    """Re-enqueue chains of active sweeps that made no progress for --stall-timeout seconds.
+    """Re-enqueue chains of active sweeps that made no progress for their stall timeout.
 
-    Example: qalign sweep reap --stall-timeout 300 --every 60
+    Each sweep's own `execution.stall_timeout` applies unless --stall-timeout overrides it for
+    all of them.
+
+    Example: qalign sweep reap --every 60
     """
-    from qalign.scheduler.dispatch import CeleryDispatcher
     from qalign.scheduler.sweeps import reap
 
     sessions = _sessions(database, upgrade=False)
-    app = make_app_for(broker)
-    dispatcher = CeleryDispatcher(app)
+    dispatcher = _dispatcher(broker, queue)
     while True:
-        with _broker_errors(app.conf.broker_url):
+        with _broker_errors(dispatcher.app.conf.broker_url):
             n = reap(sessions, dispatcher, stall_timeout)
         click.echo(f"{dt.datetime.now(dt.UTC).isoformat()} re-enqueued {n} stalled chain(s)")
         if every is None:
             return
         time.sleep(every)
-
-
-def make_app_for(broker: str | None) -> Any:
-    from qalign.workers.app import make_app
-
-    return make_app(broker)
 
 
 # ---- qalign worker ---------------------------------------------------------------------------
@@ -442,9 +469,31 @@ def _wait_for_database(url: str, wait: float) -> None:
 @click.command("worker")
 @click.option("--database", envvar="QALIGN_DATABASE_URL", help=DB_HELP)
 @click.option("--broker", envvar="QALIGN_BROKER_URL", help=BROKER_HELP)
-@click.option("--concurrency", default=32, show_default=True, help="Steps in flight per process.")
+@QUEUE_OPTION
+@click.option(
+    "--concurrency",
+    default=32,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Threads: steps of any sweep in flight in this process.",
+)
 @click.option("--name", "node_name", help="Celery node name (default: qalign@<host>-<pid>).")
-@click.option("--max-attempts", default=5, show_default=True, help="Attempts before a chain fails.")
+@click.option(
+    "--steps-per-task",
+    envvar="QALIGN_STEPS_PER_TASK",
+    default=16,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Steps of one chain a task takes before handing the chain on ($QALIGN_STEPS_PER_TASK).",
+)
+@click.option(
+    "--task-budget",
+    envvar="QALIGN_TASK_BUDGET_S",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a task keeps one chain before handing it on ($QALIGN_TASK_BUDGET_S).",
+)
 @click.option(
     "--db-wait",
     default=120.0,
@@ -456,15 +505,19 @@ def _wait_for_database(url: str, wait: float) -> None:
 def worker_command(
     database: str | None,
     broker: str | None,
+    queue: str,
     concurrency: int,
     node_name: str | None,
-    max_attempts: int,
+    steps_per_task: int,
+    task_budget: float,
     db_wait: float,
     loglevel: str,
 ) -> None:
     """Start a Celery worker that executes chain steps (a thread pool: HTTP-bound work).
 
-    Refuses to start unless the database schema is at head (`qalign db upgrade`).
+    Each sweep's own settings (execution.max_attempts, stall_timeout, concurrency, ...) come
+    from the database. Refuses to start unless the database schema is at head
+    (`qalign db upgrade`).
 
     Example: QALIGN_DATABASE_URL=postgresql://db/qalign qalign worker --concurrency 64
     """
@@ -472,35 +525,21 @@ def worker_command(
     import socket
 
     from qalign.storage.engine import database_url
+    from qalign.workers.app import run_worker
+    from qalign.workers.settings import WorkerSettings
 
     url = database_url(database)
     _wait_for_database(url, db_wait)  # raises with instructions when not at head
-    os.environ["QALIGN_DATABASE_URL"] = url
-    os.environ["QALIGN_MAX_ATTEMPTS"] = str(max_attempts)
-    if broker:
-        os.environ["QALIGN_BROKER_URL"] = broker
-    from qalign.workers.app import app
-
-    app.conf.broker_url = broker or os.environ.get("QALIGN_BROKER_URL") or app.conf.broker_url
-    name = node_name or f"qalign@{socket.gethostname()}-{os.getpid()}"
-    os.environ["QALIGN_WORKER_NAME"] = name
-    from celery.bin.celery import celery as celery_cli
-
-    # Not `app.worker_main`: it drops the worker's exit code, so a worker that stopped on an
-    # unrecoverable error exited 0 and `restart: on-failure` supervisors left it down.
-    code = celery_cli.main(
-        args=[
-            "--app=qalign.workers.app:app",  # the `app` configured above (same module object)
-            "worker",
-            "--pool=threads",
-            f"--concurrency={concurrency}",
-            f"--hostname={name}",
-            f"--loglevel={loglevel}",
-            "--without-gossip",
-            "--without-mingle",
-        ],
-        standalone_mode=False,
+    settings = WorkerSettings(
+        database_url=url,
+        name=node_name or f"qalign@{socket.gethostname()}-{os.getpid()}",
+        broker=_broker_settings(broker, queue),
+        concurrency=concurrency,
+        steps_per_task=steps_per_task,
+        task_budget_s=task_budget,
+        loglevel=loglevel,
     )
+    code = run_worker(settings)
     if code:
         sys.exit(code)
 

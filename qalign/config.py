@@ -17,7 +17,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from qalign.clients.spec import GeneratorSpec, RewardSpec
 from qalign.core import index_distribution
+from qalign.steps.spec import ExecutionSpec, RunSpec
 
 DEFAULT_STEPS = 10
 
@@ -185,11 +187,13 @@ class SweepConfig(_Strict):
             raise ValueError("ancestral runs take no `steps`; set `chains_per_prompt` to n samples")
         return self
 
-    def runs(self) -> list[dict[str, Any]]:
-        """The resolved config of every grid point, in a stable order."""
+    def runs(self) -> list[RunSpec]:
+        """The settings of every grid point, in a stable order."""
         betas: list[float | None] = [None] if self.method == "ancestral" else list(self.beta)
         step_axis = [0] if self.method == "ancestral" else (self.steps or [DEFAULT_STEPS])
         axes = itertools.product(betas, self.temperature, step_axis, self.generator.model)
+        execution = ExecutionSpec(**self.execution.model_dump())
+        reward = RewardSpec.from_config(self.reward.model_dump()) if self.reward else None
         out = []
         for i, (beta, temp, steps, model) in enumerate(axes):
             parts = [f"model={model}", f"T={temp:g}"]
@@ -197,24 +201,25 @@ class SweepConfig(_Strict):
                 parts.insert(1, f"beta={beta:g}")
                 parts.append(f"steps={steps}")
             out.append(
-                {
-                    "grid_index": i,
-                    "name": ",".join(parts),
-                    "method": self.method,
-                    "beta": beta,
-                    "temperature": temp,
-                    "steps": steps,
-                    "generator_model": model,
-                    "reward_model": self.reward.model if self.reward else None,
-                    "chains_per_prompt": self.chains_per_prompt,
-                    "seed": self.seed,
-                    "index": self.index,
-                    "clamp": self.clamp,
-                    "max_new_tokens": self.max_new_tokens,
-                    "max_prompt_length": self.max_prompt_length,
-                    "generator": self.generator.model_dump(mode="json") | {"model": model},
-                    "reward": self.reward.model_dump(mode="json") if self.reward else None,
-                }
+                RunSpec(
+                    grid_index=i,
+                    name=",".join(parts),
+                    method=self.method,
+                    beta=beta,
+                    temperature=temp,
+                    steps=steps,
+                    chains_per_prompt=self.chains_per_prompt,
+                    seed=self.seed,
+                    index=self.index,
+                    clamp=self.clamp,
+                    max_new_tokens=self.max_new_tokens,
+                    max_prompt_length=self.max_prompt_length,
+                    generator=GeneratorSpec.from_config(
+                        self.generator.model_dump() | {"model": model}
+                    ),
+                    reward=reward,
+                    execution=execution,
+                )
             )
         return out
 

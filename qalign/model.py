@@ -7,8 +7,10 @@ from typing import Any
 
 from qalign.clients import HttpSettings, make_generator
 from qalign.clients.base import Conversation, Generator, SamplingParams
-from qalign.clients.errors import PromptTooLongError, ServerRequestError
+from qalign.clients.errors import ServerRequestError
+from qalign.sampling.ancestral import ancestral_records
 from qalign.sampling.loop import run_sync
+from qalign.sampling.step import templated_prompt
 
 
 class RemoteVLLM:
@@ -95,14 +97,7 @@ class RemoteVLLM:
     # ---- seed-style helpers ---------------------------------------------------------------
     async def prompt_ids(self, conversation: Conversation) -> list[int]:
         """Templated prompt ids of one conversation, refusing prompts over the limit."""
-        ids = await self.generator.chat_prompt(conversation)
-        if len(ids) > self.max_prompt_length:
-            raise PromptTooLongError(
-                f"the templated prompt is {len(ids)} tokens, over max_prompt_length="
-                f"{self.max_prompt_length}; raise max_prompt_length or shorten the prompt "
-                "(qalign never cuts prompts silently)"
-            )
-        return ids
+        return await templated_prompt(self.generator, conversation, self.max_prompt_length)
 
     def encode(self, conversations: Sequence[Conversation]) -> list[list[int]]:
         """Prompt token ids for each conversation (chat template applied by the server)."""
@@ -128,8 +123,6 @@ class RemoteVLLM:
         self, input_data: Sequence[Conversation], n: int = 1, use_tqdm: bool = False
     ) -> list[list[str]]:
         """n independent response texts per conversation (the best-of-n / voting baseline)."""
-        from qalign.base import ancestral_records
-
         records = ancestral_records(self, None, input_data, n, seed=None, use_tqdm=use_tqdm)
         return [[r.state_text for r in recs] for recs in records]
 

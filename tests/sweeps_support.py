@@ -78,6 +78,12 @@ class Broker:
     def queued(self) -> int:
         return int(self.redis.llen(self.queue))
 
+    def dispatcher(self) -> Any:
+        """A dispatcher publishing on this broker's queue, as a scheduler would."""
+        from qalign.dispatch.celery import BrokerSettings, CeleryDispatcher, celery_app
+
+        return CeleryDispatcher(celery_app(BrokerSettings(url=self.url, queue=self.queue)))
+
 
 def cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 300

@@ -100,9 +100,9 @@ def test_failed_attempts_are_kept_with_reasons_after_the_step_succeeds(sqlite_ur
     with sessions() as s:
         chain_id = s.execute(select(Chain.id)).scalar_one()
     boom = "ServerUnavailableError: POST /v1/completions: no answer after 4 attempt(s)"
-    assert repo.record_failure(sessions, chain_id, 0, boom, 5) == "pending"
-    assert repo.record_failure(sessions, chain_id, 0, "ProtocolError: not JSON", 5) == "pending"
-    assert repo.record_failure(sessions, chain_id, 0, "no type prefix here", 5) == "pending"
+    assert repo.record_failure(sessions, chain_id, 0, boom, 5) == ("pending", 1)
+    assert repo.record_failure(sessions, chain_id, 0, "ProtocolError: not JSON", 5)[0] == "pending"
+    assert repo.record_failure(sessions, chain_id, 0, "no type prefix here", 5) == ("pending", 3)
     run = cli("run", str(path), "--database", sqlite_url, "--quiet")
     assert run.returncode == 0, run.stderr
     sweep_id = repo.find_sweep(sessions, "errs").id

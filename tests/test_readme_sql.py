@@ -12,9 +12,9 @@ from sqlalchemy import text
 from qalign.config import parse_config
 from qalign.scheduler.local import run_locally
 from qalign.scheduler.sweeps import create_sweep
+from qalign.steps.service import StepService
 from qalign.storage import make_engine, make_sessionmaker, upgrade
 from qalign.toy.server import ToyServerOptions, serve_in_thread
-from qalign.workers.execute import Services
 from tests.sweeps_support import sweep_config
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -48,7 +48,7 @@ def test_readme_queries_run(backend, sqlite_url, pg_url):
     ):
         cfg = parse_config(sweep_config("sql", g.url, r.url, prompts=2, beta=[0.5, 1.0], steps=4))
         sweep_id, _ = create_sweep(sessions, cfg)
-        services = Services(sessions=sessions)
+        services = StepService(sessions)
 
         async def go():
             try:

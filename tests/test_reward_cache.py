@@ -52,15 +52,15 @@ def test_sweep_steps_hit_the_cache(sqlite_url, tmp_path, toy):
     from qalign.config import parse_config
     from qalign.scheduler.local import run_locally
     from qalign.scheduler.sweeps import create_sweep
+    from qalign.steps.service import StepService
     from qalign.storage import make_engine, make_sessionmaker, upgrade
-    from qalign.workers.execute import Services
     from tests.sweeps_support import check_invariants, sweep_config
 
     upgrade(sqlite_url)
     sessions = make_sessionmaker(make_engine(sqlite_url))
     cfg = parse_config(sweep_config("cached", *toy, prompts=1, beta=1.0, steps=10, chains=20))
     sweep_id, _ = create_sweep(sessions, cfg)
-    services = Services(sessions=sessions)
+    services = StepService(sessions)
 
     async def go():
         try:

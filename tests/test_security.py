@@ -19,17 +19,17 @@ from kombu.exceptions import ContentDisallowed
 from sqlalchemy import MetaData, create_engine, inspect, make_url, select
 
 from qalign.cli import main
+from qalign.clients.credentials import api_key as _api_key
 from qalign.clients.errors import CredentialsError
 from qalign.clients.http import HttpSettings
 from qalign.config import ConfigError, parse_config
-from qalign.scheduler.dispatch import STEP_TASK
+from qalign.dispatch.base import STEP_TASK
+from qalign.dispatch.celery import BrokerSettings, celery_app
 from qalign.scheduler.sweeps import create_sweep
 from qalign.storage.engine import make_engine, make_sessionmaker
 from qalign.storage.migrate import ensure_schema
 from qalign.storage.models import Chain, Proposal
 from qalign.toy.server import ToyServerOptions, serve_in_thread
-from qalign.workers.app import make_app
-from qalign.workers.execute import api_key
 from tests.stub_servers import proxy_app, serve_in_background
 from tests.sweeps_support import ROOT, Broker, Worker, sweep_config, wait_done, workers
 
@@ -55,7 +55,7 @@ class _Payload:
 
 
 def test_app_accepts_only_json() -> None:
-    conf = make_app("redis://127.0.0.1:6379/0").conf
+    conf = celery_app(BrokerSettings()).conf
     assert list(conf.accept_content) == ["json"] and conf.task_serializer == "json"
 
 
@@ -63,7 +63,7 @@ def test_pickled_message_is_refused_when_decoded_with_the_apps_accept_list(
     tmp_path: Path,
 ) -> None:
     broker = Broker()
-    app = make_app(broker.url)
+    app = celery_app(BrokerSettings(url=broker.url, queue=broker.queue))
     marker = tmp_path / "unpickled"
     queue = Queue(broker.queue, Exchange(broker.queue), routing_key=broker.queue)
     try:
@@ -103,8 +103,7 @@ def test_worker_refuses_a_pickled_step_and_runs_a_json_one(
     with sessions() as s:
         chain_id = s.execute(select(Chain.id)).scalar_one()
     broker = Broker()
-    app = make_app(broker.url)
-    app.conf.task_default_queue = broker.queue
+    app = celery_app(BrokerSettings(url=broker.url, queue=broker.queue))
     marker = tmp_path / "unpickled"
     try:
         with workers(Worker("qalign-pickle", db_url, broker, concurrency=2)) as (worker,):
@@ -222,6 +221,10 @@ def test_a_wrong_key_is_a_recorded_401_without_the_key(
     assert "HTTP 401" in result.output and "not-the-right-key-123" not in result.output
 
 
+def api_key(section: dict[str, Any]) -> str | None:
+    return _api_key(section.get("api_key_env"), section.get("api_key_file"))
+
+
 def test_missing_key_sources_are_named_not_guessed(tmp_path: Path) -> None:
     base = {"timeout": 1.0, "max_retries": 1}
     with pytest.raises(CredentialsError, match=r"\$QALIGN_NO_SUCH_VAR_X, which is not set"):
@@ -233,6 +236,13 @@ def test_missing_key_sources_are_named_not_guessed(tmp_path: Path) -> None:
     empty.write_text("\n")
     with pytest.raises(CredentialsError, match="is empty"):
         api_key({**base, "api_key_file": str(empty)})
+    two_lines = tmp_path / "two.key"
+    two_lines.write_text("first-key\nsecond-key\n")
+    with pytest.raises(CredentialsError, match="whitespace or a control character"):
+        api_key({**base, "api_key_file": str(two_lines)})
+    padded = tmp_path / "padded.key"
+    padded.write_text("  the-key \n")
+    assert api_key({**base, "api_key_file": str(padded)}) == "the-key"
     assert api_key(base) is None
 
 

@@ -615,11 +615,12 @@ def test_cli_uses_environment_and_has_examples(
     assert bad.exit_code == 1 and "nope" in bad.output
 
 
-def _step_write(step: int, tokens: tuple[int, ...], **kw: Any) -> Any:
-    from qalign.core import Finish, State
-    from qalign.storage.repo import StepWrite
+def _step_params(chain_id: int, step: int, tokens: tuple[int, ...], **kw: Any) -> Any:
+    from qalign.core import Finish
 
     values: dict[str, Any] = {
+        "chain_id": chain_id,
+        "run_id": 1,
         "step": step,
         "cut": 1,
         "new_tokens": tokens[1:],
@@ -636,12 +637,16 @@ def _step_write(step: int, tokens: tuple[int, ...], **kw: Any) -> Any:
         "gen_latency_ms": 1.5,
         "reward_latency_ms": 2.5,
         "endpoint": "http://127.0.0.1:8000",
-        "state": State(tokens=tokens, reward=0.25, finish=Finish.STOP, logprobs=None),
-        "state_text": "state ✓",
         "worker": "w1",
+        "state_tokens": tokens,
+        "state_logprobs": None,
+        "state_reward": 0.25,
+        "state_finish": Finish.STOP.value,
+        "state_text": "state ✓",
+        "done": step >= 1,
     }
     values.update(kw)
-    return StepWrite(**values)
+    return values
 
 
 def test_step_hot_path_reads_and_writes_what_the_orm_sees(migrated: Engine) -> None:
@@ -654,13 +659,12 @@ def test_step_hot_path_reads_and_writes_what_the_orm_sees(migrated: Engine) -> N
         run.config = {"generator_model": "gen", "beta": 1.0}
         chain.target_steps = 1
         chain_id = chain.id
-    ctx = repo.load_step_context(sessions, chain_id)
-    assert (ctx.current_step, ctx.status, ctx.state, ctx.messages[0]["content"]) == (
-        -1, "pending", None, "hi ✓",
-    )  # fmt: skip
+    ctx = repo.read_chain(sessions, chain_id)
+    assert (ctx.current_step, ctx.status, ctx.state) == (-1, "pending", None)
+    assert repo.prompt_messages(sessions, ctx.prompt_id)[0]["content"] == "hi ✓"
     before = dt.datetime.now(dt.UTC)
-    assert repo.commit_step(sessions, ctx, _step_write(0, (5, 6, 7)))
-    assert not repo.commit_step(sessions, ctx, _step_write(0, (9,)))  # duplicate delivery
+    assert repo.commit_step(sessions, _step_params(chain_id, 0, (5, 6, 7)))
+    assert not repo.commit_step(sessions, _step_params(chain_id, 0, (9,)))  # duplicate delivery
     with sessions() as s:
         p = s.execute(select(Proposal)).scalar_one()
         c = s.get(Chain, chain_id)
@@ -678,19 +682,19 @@ def test_step_hot_path_reads_and_writes_what_the_orm_sees(migrated: Engine) -> N
         )  # fmt: skip
         n_null = s.execute(select(func.count()).where(Chain.state_logprobs.is_(None))).scalar()
         assert n_null == 1  # SQL NULL, not JSON null
-    ctx = repo.load_step_context(sessions, chain_id)
+    ctx = repo.read_chain(sessions, chain_id)
     assert ctx.state is not None and ctx.state.tokens == (5, 6, 7) and ctx.state.reward == 0.25
     # A proposal that exists without the chain having moved (should never happen) blocks the
     # commit and leaves the chain where it was: both writes are one atomic unit.
     with sessions.begin() as s:
         s.add(_proposal(c, 1))
-    assert not repo.commit_step(sessions, ctx, _step_write(1, (5, 8)))
+    assert not repo.commit_step(sessions, _step_params(chain_id, 1, (5, 8)))
     with sessions() as s:
         c = s.get(Chain, chain_id)
         assert c is not None and (c.current_step, c.state_tokens) == (0, [5, 6, 7])
         s.execute(delete(Proposal).where(Proposal.step == 1))
         s.commit()
-    assert repo.commit_step(sessions, ctx, _step_write(1, (5, 8), accepted=True))
+    assert repo.commit_step(sessions, _step_params(chain_id, 1, (5, 8), accepted=True))
     with sessions() as s:
         c = s.get(Chain, chain_id)
         assert c is not None and (c.current_step, c.status) == (1, "done")
@@ -698,9 +702,11 @@ def test_step_hot_path_reads_and_writes_what_the_orm_sees(migrated: Engine) -> N
         assert (c.accepted_steps, c.rejected_with_reason) == (1, 2)
         assert c.first_step_at is not None and c.last_step_at == c.updated_at
         assert c.first_step_at < c.last_step_at
-    assert not repo.commit_step(sessions, ctx, _step_write(2, (5,)))  # finished chain
+    assert not repo.commit_step(sessions, _step_params(chain_id, 2, (5,)))  # finished chain
     with pytest.raises(LookupError, match="chain 999 does not exist"):
-        repo.load_step_context(sessions, 999)
+        repo.read_chain(sessions, 999)
+    with pytest.raises(ValueError, match="commit_step takes exactly"):
+        repo.commit_step(sessions, {"chain_id": chain_id, "step": 2})
 
 
 def test_chain_counters_are_backfilled_by_their_migration(engine: Engine) -> None:
@@ -786,13 +792,12 @@ def test_step_statements_survive_a_postgres_restart_of_their_connections(
         _, run, _, chain = _graph(s)
         run.config = {"generator_model": "gen", "beta": 1.0}
         chain_id = chain.id
-    ctx = repo.load_step_context(sessions, chain_id)
     with make_engine(pg_url).connect() as admin:
         killed = admin.execute(
             text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                  "WHERE datname = current_database() AND pid <> pg_backend_pid()")
         ).all()  # fmt: skip
     assert killed  # the pool's connections are gone on the server side
-    assert repo.commit_step(sessions, ctx, _step_write(0, (5, 6, 7)))
-    assert repo.load_step_context(sessions, chain_id).current_step == 0
+    assert repo.commit_step(sessions, _step_params(chain_id, 0, (5, 6, 7), done=False))
+    assert repo.read_chain(sessions, chain_id).current_step == 0
     eng.dispose()

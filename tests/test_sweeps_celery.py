@@ -14,6 +14,8 @@ from sqlalchemy import func, select
 from qalign.config import parse_config
 from qalign.core import KernelConfig
 from qalign.scheduler.sweeps import create_sweep
+from qalign.steps.outcome import Result
+from qalign.steps.service import StepService
 from qalign.storage.engine import make_engine, make_sessionmaker
 from qalign.storage.migrate import upgrade
 from qalign.storage.models import Chain, Proposal
@@ -25,7 +27,6 @@ from qalign.toy.exact import (
     tv_bound,
 )
 from qalign.toy.model import ToyModel
-from qalign.workers.execute import Result, Services, advance
 from tests.sweeps_support import (
     Broker,
     Worker,
@@ -135,13 +136,13 @@ def test_duplicate_and_concurrent_delivery_change_nothing(backend, sqlite_url, p
         chain_id = s.execute(select(Chain.id)).scalar_one()
 
     async def twice_in_a_row():
-        services = Services(sessions=sessions)
+        service = StepService(sessions)
         try:
-            a = await advance(services, chain_id, 0, max_attempts=3)
-            b = await advance(services, chain_id, 0, max_attempts=3)
+            a = await service.take(chain_id, 0)
+            b = await service.take(chain_id, 0)
             return a, b
         finally:
-            await services.close()
+            await service.close()
 
     a, b = asyncio.run(twice_in_a_row())
     assert (a.result, b.result) == (Result.COMMITTED, Result.DUPLICATE)
@@ -151,11 +152,11 @@ def test_duplicate_and_concurrent_delivery_change_nothing(backend, sqlite_url, p
 
     def deliver():
         async def one():
-            services = Services(sessions=sessions)
+            service = StepService(sessions)
             try:
-                return await advance(services, chain_id, 1, max_attempts=3)
+                return await service.take(chain_id, 1)
             finally:
-                await services.close()
+                await service.close()
 
         results.append(asyncio.run(one()).result)
 
@@ -192,19 +193,9 @@ def test_worker_refuses_a_database_not_at_head(sqlite_url, broker):
 
 def _send_hints(broker, items):
     """Publish (chain, step) messages on the test's queue, as a scheduler would."""
-    import os
-
-    from qalign.scheduler.dispatch import CeleryDispatcher
-    from qalign.workers.app import make_app
-
-    os.environ.update(broker.env())
-    try:
-        dispatcher = CeleryDispatcher(make_app(broker.url))
-        for cid, step in items:
-            dispatcher.enqueue(cid, step)
-    finally:
-        for key in broker.env():
-            os.environ.pop(key, None)
+    dispatcher = broker.dispatcher()
+    for cid, step in items:
+        dispatcher.enqueue(cid, step)
 
 
 def _chain_ids(db_url):
@@ -239,14 +230,14 @@ def test_a_stale_redelivery_adopts_an_orphaned_chain(pg_url, tmp_path, toy, brok
     orphan, live = _chain_ids(pg_url)
 
     async def two_steps():
-        services = Services(sessions=sessions)
+        service = StepService(sessions)
         try:
             for cid in (orphan, live):
                 for step in (0, 1):
-                    out = await advance(services, cid, step, max_attempts=3)
+                    out = await service.take(cid, step)
                     assert out.result is Result.COMMITTED
         finally:
-            await services.close()
+            await service.close()
 
     asyncio.run(two_steps())
     # As if the worker that took step 1 of `orphan` died before enqueueing step 2, an hour ago.

@@ -16,10 +16,11 @@ from sqlalchemy import select, update
 
 from qalign.analysis.data import AnalysisError
 from qalign.clients.base import score_with_tokens
+from qalign.clients.registry import ClientRegistry
+from qalign.clients.spec import RewardSpec
 from qalign.sampling.step import reward_conversation
 from qalign.storage.models import Chain, Prompt, Proposal, Run
 from qalign.storage.repo import Sessions
-from qalign.workers.execute import ClientCache
 
 BATCH = 256
 
@@ -49,22 +50,23 @@ def _pending(
     return groups, messages, step0_chain
 
 
-def reward_section(sessions: Sessions, sweep_id: int) -> dict[str, Any] | None:
+def reward_section(sessions: Sessions, sweep_id: int) -> RewardSpec | None:
+    """The sweep's own reward model, if it has one."""
     with sessions() as s:
         configs = s.execute(select(Run.config).where(Run.sweep_id == sweep_id)).scalars().all()
-    sections = [c.get("reward") for c in configs if c.get("reward")]
-    return sections[0] if sections else None
+    sections = [c["reward"] for c in configs if c.get("reward")]
+    return RewardSpec.from_config(sections[0]) if sections else None
 
 
 async def score_sweep(
-    sessions: Sessions, sweep_id: int, reward: dict[str, Any], *, force: bool = False
+    sessions: Sessions, sweep_id: int, reward: RewardSpec, *, force: bool = False
 ) -> dict[str, int]:
     """Score every unscored proposal (all of them with `force`); returns counts."""
     groups, messages, step0_chain = _pending(sessions, sweep_id, force)
-    cache = ClientCache(startup_timeout=60.0)
+    registry = ClientRegistry(startup_timeout=60.0)
     keys = list(groups)
     try:
-        rm = await cache.reward(reward)
+        rm = await registry.reward(reward)
         scored = 0
         for start in range(0, len(keys), BATCH):
             part = keys[start : start + BATCH]
@@ -88,12 +90,12 @@ async def score_sweep(
                         )
                     scored += len(ids)
     finally:
-        await cache.close()
+        await registry.close()
     return {"proposals": scored, "distinct": len(keys)}
 
 
 def run_score(
-    sessions: Sessions, sweep_id: int, reward: dict[str, Any] | None, *, force: bool = False
+    sessions: Sessions, sweep_id: int, reward: RewardSpec | None, *, force: bool = False
 ) -> dict[str, int]:
     """Synchronous entry point; uses the sweep's own reward section unless one is given."""
     section = reward or reward_section(sessions, sweep_id)

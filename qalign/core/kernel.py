@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from qalign.core.index import IndexDistribution, Uniform
+from qalign.core.index import IndexDistribution, Uniform, index_distribution
 from qalign.core.rng import Purpose, generator_seed, uniform
 from qalign.core.state import Finish, State
 
@@ -62,6 +62,38 @@ class KernelConfig:
     @property
     def needs_logprobs(self) -> bool:
         return self.method is Method.QUEST
+
+
+def kernel_config(
+    method: str,
+    *,
+    beta: float | None,
+    max_new_tokens: int,
+    index: str = "uniform",
+    clamp: float = 20.0,
+) -> KernelConfig:
+    """The kernel of a method named as in a sweep config or the seed API.
+
+    `ancestral` runs take only the initial LM sample, so their kernel is QAlign's with beta 1
+    (unused); `qalign` and `quest` need a beta.
+    """
+    if method == "ancestral":
+        return KernelConfig(beta=1.0, max_new_tokens=max_new_tokens, clamp=clamp)
+    try:
+        kind = Method(method)
+    except ValueError:
+        raise ValueError(
+            f"unknown method {method!r}; choose 'qalign', 'quest' or 'ancestral'"
+        ) from None
+    if beta is None:
+        raise ValueError(f"method {method!r} needs a beta")
+    return KernelConfig(
+        beta=beta,
+        max_new_tokens=max_new_tokens,
+        method=kind,
+        index=index_distribution(index),
+        clamp=clamp,
+    )
 
 
 @dataclass(frozen=True)

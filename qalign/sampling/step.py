@@ -18,6 +18,7 @@ from qalign.clients.base import (
     SamplingParams,
     score_with_tokens,
 )
+from qalign.clients.errors import PromptTooLongError
 from qalign.core import (
     Decision,
     Finish,
@@ -78,6 +79,24 @@ class StepRecord:
 def reward_conversation(messages: Conversation, text: str) -> Conversation:
     """The conversation the reward model scores: the prompt messages plus the assistant reply."""
     return [*messages, {"role": "assistant", "content": text}]
+
+
+async def templated_prompt(
+    gen: Generator, messages: Conversation, max_prompt_length: int
+) -> list[int]:
+    """The generator's chat-templated token ids of `messages`, refusing prompts over the limit.
+
+    Raises:
+        PromptTooLongError: the templated prompt is longer than `max_prompt_length` (a prompt is
+            never cut: that would change the question).
+    """
+    ids = await gen.chat_prompt(messages)
+    if len(ids) > max_prompt_length:
+        raise PromptTooLongError(
+            f"the templated prompt is {len(ids)} tokens, over max_prompt_length="
+            f"{max_prompt_length}; raise max_prompt_length or drop this prompt"
+        )
+    return ids
 
 
 async def _sample(

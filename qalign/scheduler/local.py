@@ -1,13 +1,13 @@
-"""The embedded default: execute a stored sweep in this process, no broker.
+"""The embedded runner of `qalign run`: the step service in this process, no broker.
 
-The same `advance` as the Celery task, with bounded concurrency; each chain advances on its own.
+Hints go through an in-process dispatcher; each chain is driven by the same `drive` loop and
+after-step policy as a Celery task, with no per-task budget, so each chain advances on its own.
 Interrupting and running again resumes from the last committed step of every chain.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,9 +15,14 @@ from typing import Any
 from sqlalchemy import select
 from tqdm import tqdm
 
+from qalign.dispatch.inprocess import InProcessDispatcher
+from qalign.scheduler.sweeps import enqueue_unfinished
+from qalign.steps.drive import drive, follow
+from qalign.steps.outcome import Outcome, Result
+from qalign.steps.policy import Action, after_step
+from qalign.steps.service import StepService
 from qalign.storage import repo
 from qalign.storage.models import Chain, ChainStatus, Run
-from qalign.workers.execute import Outcome, Result, Services, advance
 
 
 @dataclass
@@ -30,8 +35,19 @@ class LocalReport:
     failed_chains: list[int] = field(default_factory=list)
     results: Counter[str] = field(default_factory=Counter)
 
+    def count(self, out: Outcome) -> None:
+        self.results[out.result.value] += 1
+        if out.result is Result.COMMITTED:
+            self.committed += 1
+        elif out.result is Result.FAILED:
+            self.failures += 1
+            if out.chain_status != ChainStatus.PENDING.value:
+                self.failed_chains.append(out.chain_id)
+        elif out.result is Result.DUPLICATE:
+            self.duplicates += 1
 
-def _chains_by_run(sessions: repo.Sessions, sweep_id: int) -> dict[int, tuple[str, int, int]]:
+
+def _progress_by_run(sessions: repo.Sessions, sweep_id: int) -> dict[int, tuple[str, int, int]]:
     """run id -> (name, steps total, steps done)."""
     with sessions() as s:
         rows = s.execute(
@@ -46,98 +62,87 @@ def _chains_by_run(sessions: repo.Sessions, sweep_id: int) -> dict[int, tuple[st
     return out
 
 
-def _run_of(sessions: repo.Sessions, chain_ids: list[int]) -> dict[int, int]:
-    with sessions() as s:
-        rows = s.execute(select(Chain.id, Chain.run_id).where(Chain.id.in_(chain_ids))).all()
-    return {cid: rid for cid, rid in rows}
+class _Bars:
+    """One progress bar per run, advanced by committed steps."""
+
+    def __init__(self, sessions: repo.Sessions, sweep_id: int, enabled: bool) -> None:
+        self.bars: dict[int, Any] = {}
+        if not enabled:
+            return
+        for pos, (run_id, (name, total, done)) in enumerate(
+            sorted(_progress_by_run(sessions, sweep_id).items())
+        ):
+            self.bars[run_id] = tqdm(
+                total=total, initial=done, desc=name[:60], position=pos, unit="step", leave=True
+            )
+
+    def update(self, out: Outcome) -> None:
+        if out.result is Result.COMMITTED and out.run_id in self.bars:
+            self.bars[out.run_id].update(1)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
 
 
 async def run_locally(
-    services: Services,
+    service: StepService,
     sweep_id: int,
     *,
-    concurrency: int = 64,
-    max_attempts: int = 5,
     retry_failed: bool = False,
     progress: bool = True,
-    backoff: float = 1.0,
     lockstep: bool = False,
 ) -> LocalReport:
     """Advance every unfinished chain of the sweep to its last step.
 
     With `lockstep`, every chain waits for the slowest one at each step, as the reference
     implementation does; it exists to measure what independent chains gain.
+
+    Raises:
+        DatabaseFailure: the database cannot be used any more; the run stops.
     """
-    sessions = services.sessions
-    await services.db(repo.reactivate_sweep, sessions, sweep_id)
-    todo = await services.db(repo.unfinished_chains, sessions, sweep_id, retry_failed)
     report = LocalReport()
-    bars: dict[int, Any] = {}
-    if progress and todo:
-        runs = await services.db(_chains_by_run, sessions, sweep_id)
-        for pos, (run_id, (name, total, done)) in enumerate(sorted(runs.items())):
-            bars[run_id] = tqdm(
-                total=total, initial=done, desc=name[:60], position=pos, unit="step", leave=True
-            )
-    run_of = await services.db(_run_of, sessions, [cid for cid, _ in todo]) if bars else {}
-    limiter = asyncio.Semaphore(concurrency)
+    bars = _Bars(service.sessions, sweep_id, progress)
 
-    async def take(chain_id: int, step: int) -> Outcome:
-        """One step under the concurrency limit, counted in the report and the progress bar."""
-        async with limiter:
-            out = await advance(services, chain_id, step, max_attempts=max_attempts)
-        report.results[out.result.value] += 1
-        if out.result is Result.COMMITTED:
-            report.committed += 1
-            if chain_id in run_of:
-                bars[run_of[chain_id]].update(1)
-        elif out.result is Result.FAILED:
-            report.failures += 1
-            if out.chain_status != ChainStatus.PENDING.value:
-                report.failed_chains.append(chain_id)
-        elif out.result is Result.DUPLICATE:
-            report.duplicates += 1
-        return out
+    def seen(out: Outcome) -> None:
+        report.count(out)
+        bars.update(out)
 
-    def retried(out: Outcome) -> bool:
-        """A failed step whose chain still has attempts left."""
-        return out.result is Result.FAILED and out.chain_status == ChainStatus.PENDING.value
+    async def handle(chain_id: int, step: int) -> None:
+        _, nxt = await drive(service, chain_id, step, on_outcome=seen)
+        follow(dispatcher, chain_id, nxt)
 
-    async def drive(chain_id: int, step: int) -> None:
-        tries = 0
-        next_step: int | None = step
-        while next_step is not None:
-            out = await take(chain_id, next_step)
-            if out.result is Result.COMMITTED:
-                tries = 0
-                next_step = out.next_step
-            elif retried(out):
-                tries += 1
-                await asyncio.sleep(backoff * (2 ** min(tries, 6)) * random.uniform(0.5, 1.0))
-            else:
-                return
-
-    async def lockstep_all() -> None:
-        pending = dict(todo)
-        while pending:
-            level = min(pending.values())
-            batch = [cid for cid, step in pending.items() if step == level]
-
-            async def one(cid: int, level: int = level) -> None:
-                out = await take(cid, level)
-                if out.result is Result.COMMITTED and out.next_step is not None:
-                    pending[cid] = out.next_step
-                elif not retried(out):  # a retried step runs at this level in the next round
-                    del pending[cid]
-
-            await asyncio.gather(*(one(cid) for cid in batch))
-
+    dispatcher = InProcessDispatcher(handle)
     try:
         if lockstep:
-            await lockstep_all()
+            repo.reactivate_sweep(service.sessions, sweep_id)
+            todo = repo.unfinished_chains(service.sessions, sweep_id, retry_failed)
+            await _lockstep(service, dict(todo), seen)
         else:
-            await asyncio.gather(*(drive(cid, step) for cid, step in todo))
+            # On the loop: the dispatcher starts a task per hint. Blocking SQL here happens once.
+            enqueue_unfinished(service.sessions, sweep_id, dispatcher, retry_failed=retry_failed)
+            await dispatcher.join()
     finally:
-        for bar in bars.values():
-            bar.close()
+        dispatcher.cancel()
+        bars.close()
     return report
+
+
+async def _lockstep(service: StepService, pending: dict[int, int], seen: Any) -> None:
+    """Every chain takes step k before any takes step k + 1 (benchmark only)."""
+    while pending:
+        level = min(pending.values())
+        batch = [cid for cid, step in pending.items() if step == level]
+
+        async def one(cid: int, level: int = level) -> None:
+            out = await service.take(cid, level)
+            seen(out)
+            nxt = after_step(out)
+            if nxt.action is Action.CONTINUE and nxt.step is not None:
+                pending[cid] = nxt.step
+            elif nxt.action is Action.RETRY:
+                await asyncio.sleep(nxt.delay)  # retried at this level in the next round
+            else:
+                del pending[cid]
+
+        await asyncio.gather(*(one(cid) for cid in batch))

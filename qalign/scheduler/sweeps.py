@@ -1,36 +1,33 @@
-"""Sweep operations shared by the CLI: create, enqueue/resume, reap, cancel."""
+"""Sweep operations shared by the CLI: create, enqueue/resume, reap."""
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
 
 from qalign.clients.errors import ClientError
+from qalign.clients.registry import ClientRegistry
 from qalign.config import ConfigError, SweepConfig
 from qalign.datasets import load_prompts
+from qalign.dispatch.base import Dispatcher
 from qalign.sampling.loop import run_sync
-from qalign.scheduler.dispatch import CeleryDispatcher
 from qalign.storage import repo
-from qalign.workers.execute import ClientCache
 
 
 async def _check_servers(cfg: SweepConfig, startup_timeout: float) -> None:
-    cache = ClientCache(startup_timeout=startup_timeout)
+    registry = ClientRegistry(startup_timeout=startup_timeout)
     try:
         for run in cfg.runs():
             try:
-                await cache.generator(run["generator"])
+                await registry.generator(run.generator)
             except ClientError as exc:
-                raise ConfigError(f"generator ({', '.join(cfg.generator.urls)}): {exc}") from None
-            if run["reward"] is not None:
+                raise ConfigError(f"generator ({', '.join(run.generator.urls)}): {exc}") from None
+            if run.reward is not None:
                 try:
-                    await cache.reward(run["reward"])
+                    await registry.reward(run.reward)
                 except ClientError as exc:
-                    raise ConfigError(
-                        f"reward ({', '.join(run['reward']['urls'])}): {exc}"
-                    ) from None
+                    raise ConfigError(f"reward ({', '.join(run.reward.urls)}): {exc}") from None
     finally:
-        await cache.close()
+        await registry.close()
 
 
 def check_servers(cfg: SweepConfig, startup_timeout: float = 15.0) -> None:
@@ -46,33 +43,31 @@ def create_sweep(
     prompts = load_prompts(cfg.dataset)
     if check:
         check_servers(cfg, server_wait)
-    config: dict[str, Any] = cfg.model_dump(mode="json")
-    return repo.create_sweep(sessions, cfg.name, config, cfg.fingerprint(), cfg.runs(), prompts)
+    runs = [run.to_config() for run in cfg.runs()]
+    config = cfg.model_dump(mode="json")
+    return repo.create_sweep(sessions, cfg.name, config, cfg.fingerprint(), runs, prompts)
 
 
 def enqueue_unfinished(
     sessions: repo.Sessions,
     sweep_id: int,
-    dispatcher: CeleryDispatcher,
+    dispatcher: Dispatcher,
     *,
     retry_failed: bool = False,
 ) -> int:
-    """Send the next step of every unfinished chain (start, or resume after any loss)."""
+    """Hand on the next step of every unfinished chain (start, or resume after any loss)."""
     repo.reactivate_sweep(sessions, sweep_id)
     return _send(sessions, dispatcher, repo.unfinished_chains(sessions, sweep_id, retry_failed))
 
 
-def reap(sessions: repo.Sessions, dispatcher: CeleryDispatcher, stall_timeout: float) -> int:
-    """Re-send the next step of chains untouched for `stall_timeout` seconds."""
-    return _send(
-        sessions, dispatcher, repo.stalled_chains(sessions, dt.timedelta(seconds=stall_timeout))
-    )
+def reap(sessions: repo.Sessions, dispatcher: Dispatcher, stall_timeout: float | None) -> int:
+    """Re-send the next step of chains untouched for `stall_timeout` seconds (None: each
+    sweep's own `execution.stall_timeout`)."""
+    older = None if stall_timeout is None else dt.timedelta(seconds=stall_timeout)
+    return _send(sessions, dispatcher, repo.stalled_chains(sessions, older))
 
 
-def _send(
-    sessions: repo.Sessions, dispatcher: CeleryDispatcher, todo: list[tuple[int, int]]
-) -> int:
-    """Enqueue (chain, step) hints and touch the chains so the reaper does not resend them."""
-    n = dispatcher.enqueue_many(todo)
+def _send(sessions: repo.Sessions, dispatcher: Dispatcher, todo: list[tuple[int, int]]) -> int:
+    """Hand on (chain, step) hints and touch the chains so the reaper does not resend them."""
     repo.mark_enqueued(sessions, [cid for cid, _ in todo])
-    return n
+    return dispatcher.enqueue_many(todo)

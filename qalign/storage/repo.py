@@ -181,8 +181,8 @@ def list_sweeps(sessions: Sessions) -> list[Sweep]:
 
 
 @dataclass(frozen=True)
-class StepContext:
-    """Everything a worker needs to take the next step of a chain.
+class ChainRow:
+    """A chain as a step reads it.
 
     Cancelling a sweep marks its unfinished chains `cancelled`, so the chain's own status is
     enough to skip work; the sweep row is not read on the hot path.
@@ -197,50 +197,18 @@ class StepContext:
     current_step: int
     status: str
     attempts: int
-    run_config: dict[str, Any]
-    messages: list[dict[str, Any]]
-    prompt_ids: list[int] | None
     state: State | None
     state_text: str | None
     updated_at: dt.datetime
 
 
-@functools.lru_cache(maxsize=4096)
-def _static_context(
-    sessions: Sessions, run_id: int, prompt_id: int
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    # A run's config and a prompt's messages never change after creation (resume only refreshes
-    # server locations, which a worker process picks up when it restarts).
-    with sessions() as s:
-        config = s.execute(select(Run.config).where(Run.id == run_id)).scalar_one()
-        messages = s.execute(select(Prompt.messages).where(Prompt.id == prompt_id)).scalar_one()
-    return config, messages
-
-
-# keyed by the sessionmaker itself (not its id, which Python may reuse for another database)
-_encodings: dict[tuple[Sessions, int, str], list[int]] = {}
-
-
-def load_step_context(sessions: Sessions, chain_id: int) -> StepContext:
-    """One primary-key read of the chain; run config, messages and encodings come from caches."""
+def read_chain(sessions: Sessions, chain_id: int) -> ChainRow:
+    """One primary-key read of the chain; `LookupError` when there is no such chain."""
     row = hotpath.read_chain(_engine(sessions), chain_id)
     if row is None:
         raise LookupError(f"chain {chain_id} does not exist")
     (run_id, prompt_id, rng_key, seed, target, current, status, attempts,
      tokens, logprobs, reward, finish, text, updated_at) = row  # fmt: skip
-    config, messages = _static_context(sessions, run_id, prompt_id)
-    key = (sessions, prompt_id, config["generator_model"])
-    enc = _encodings.get(key)
-    if enc is None:
-        with sessions() as s:
-            stored = s.execute(
-                select(PromptEncoding.token_ids).where(
-                    PromptEncoding.prompt_id == prompt_id,
-                    PromptEncoding.model == config["generator_model"],
-                )
-            ).scalar_one_or_none()
-        if stored is not None:
-            enc = _encodings[key] = list(stored)
     state = None
     if tokens is not None:
         state = State(
@@ -249,7 +217,7 @@ def load_step_context(sessions: Sessions, chain_id: int) -> StepContext:
             finish=Finish(finish or Finish.STOP.value),
             logprobs=None if logprobs is None else tuple(logprobs),
         )
-    return StepContext(
+    return ChainRow(
         chain_id=chain_id,
         run_id=run_id,
         prompt_id=prompt_id,
@@ -259,13 +227,48 @@ def load_step_context(sessions: Sessions, chain_id: int) -> StepContext:
         current_step=current,
         status=status,
         attempts=attempts,
-        run_config=config,
-        messages=messages,
-        prompt_ids=enc,
         state=state,
         state_text=text,
         updated_at=updated_at,
     )
+
+
+def run_settings(sessions: Sessions, run_id: int) -> tuple[int, dict[str, Any]]:
+    """(sweep id, stored config) of a run. Not cached here: `qalign sweep create` may refresh
+    the config's server and execution sections, and callers decide how long to trust it."""
+    with sessions() as s:
+        row = s.execute(select(Run.sweep_id, Run.config).where(Run.id == run_id)).one_or_none()
+    if row is None:
+        raise LookupError(f"run {run_id} does not exist")
+    return int(row[0]), dict(row[1])
+
+
+@functools.lru_cache(maxsize=4096)
+def prompt_messages(sessions: Sessions, prompt_id: int) -> list[dict[str, Any]]:
+    """A prompt's messages (immutable after creation, so cached per process)."""
+    with sessions() as s:
+        messages = s.execute(select(Prompt.messages).where(Prompt.id == prompt_id)).scalar_one()
+    return list(messages)
+
+
+# keyed by the sessionmaker itself (not its id, which Python may reuse for another database)
+_encodings: dict[tuple[Sessions, int, str], list[int]] = {}
+
+
+def prompt_encoding(sessions: Sessions, prompt_id: int, model: str) -> list[int] | None:
+    """A prompt's stored templated token ids for `model`, or None before the first step."""
+    key = (sessions, prompt_id, model)
+    enc = _encodings.get(key)
+    if enc is None:
+        with sessions() as s:
+            stored = s.execute(
+                select(PromptEncoding.token_ids).where(
+                    PromptEncoding.prompt_id == prompt_id, PromptEncoding.model == model
+                )
+            ).scalar_one_or_none()
+        if stored is not None:
+            enc = _encodings[key] = list(stored)
+    return enc
 
 
 def save_encoding(sessions: Sessions, prompt_id: int, model: str, token_ids: Sequence[int]) -> None:
@@ -284,72 +287,39 @@ def save_encoding(sessions: Sessions, prompt_id: int, model: str, token_ids: Seq
         pass  # another worker stored the same encoding first; it is identical by construction
 
 
-@dataclass(frozen=True)
-class StepWrite:
-    """The proposal and the chain's new state for one committed step."""
-
-    step: int
-    cut: int
-    new_tokens: tuple[int, ...]
-    response_len: int
-    text: str
-    reward: float | None
-    log_a: float | None
-    alpha: float
-    accepted: bool
-    finish: str
-    reject_reason: str | None
-    gen_seed: int
-    reward_tokens: int | None
-    gen_latency_ms: float
-    reward_latency_ms: float
-    endpoint: str
-    state: State
-    state_text: str
-    worker: str | None = None
+STEP_PARAMS = (
+    "chain_id", "run_id", "step", "cut", "new_tokens", "response_len", "text", "reward",
+    "log_a", "alpha", "accepted", "finish", "reject_reason", "gen_seed", "reward_tokens",
+    "gen_latency_ms", "reward_latency_ms", "endpoint", "worker", "state_tokens",
+    "state_logprobs", "state_reward", "state_finish", "state_text", "done",
+)  # fmt: skip
 
 
-def commit_step(sessions: Sessions, ctx: StepContext, w: StepWrite) -> bool:
-    """Append the proposal and move the chain, atomically; False if the step was already taken.
+def commit_step(sessions: Sessions, params: dict[str, Any]) -> bool:
+    """Append a proposal and move its chain, atomically; False if the step was already taken.
 
-    The chain moves only if its `current_step` is still `w.step - 1` (compare-and-set), and the
-    proposal's unique (chain_id, step) key catches anything that slips past; either way a
-    duplicate delivery changes nothing.
+    `params` holds exactly `STEP_PARAMS` (the proposal's columns, the chain's new state and
+    whether this was its last step). The chain moves only if its `current_step` is still
+    `step - 1` (compare-and-set), and the proposal's unique (chain_id, step) key catches
+    anything that slips past; either way a duplicate delivery changes nothing. Values SQL
+    cannot hold are stored as described in `_text`, `_finite_or_none` and `_json_logprobs`.
     """
-    done = w.step >= ctx.target_steps
-    return hotpath.commit(
-        _engine(sessions),
-        {
-            "chain_id": ctx.chain_id,
-            "run_id": ctx.run_id,
-            "step": w.step,
-            "prev": w.step - 1,
-            "cut": w.cut,
-            "new_tokens": list(w.new_tokens),
-            "response_len": w.response_len,
-            "text": _text(w.text),
-            "reward": _finite_or_none(w.reward),
-            "log_a": _finite_or_none(w.log_a),
-            "alpha": w.alpha,
-            "accepted": w.accepted,
-            "finish": w.finish,
-            "reject_reason": w.reject_reason,
-            "gen_seed": w.gen_seed,
-            "gen_tokens": len(w.new_tokens),
-            "reward_tokens": w.reward_tokens,
-            "gen_latency_ms": w.gen_latency_ms,
-            "reward_latency_ms": w.reward_latency_ms,
-            "endpoint": w.endpoint,
-            "worker": w.worker,
-            "created_at": utcnow(),
-            "state_tokens": list(w.state.tokens),
-            "state_logprobs": _json_logprobs(w.state.logprobs),
-            "state_reward": _finite_or_none(w.state.reward),
-            "state_finish": w.state.finish.value,
-            "state_text": _text(w.state_text),
-            "status": ChainStatus.DONE.value if done else ChainStatus.RUNNING.value,
-        },
-    )
+    if set(params) != set(STEP_PARAMS):
+        raise ValueError(f"commit_step takes exactly {STEP_PARAMS}, got {sorted(params)}")
+    p = dict(params)
+    p["prev"] = p["step"] - 1
+    p["gen_tokens"] = len(p["new_tokens"])
+    p["new_tokens"] = list(p["new_tokens"])
+    p["text"] = _text(p["text"])
+    p["reward"] = _finite_or_none(p["reward"])
+    p["log_a"] = _finite_or_none(p["log_a"])
+    p["state_tokens"] = list(p["state_tokens"])
+    p["state_logprobs"] = _json_logprobs(p["state_logprobs"])
+    p["state_reward"] = _finite_or_none(p["state_reward"])
+    p["state_text"] = _text(p["state_text"])
+    p["status"] = ChainStatus.DONE.value if p.pop("done") else ChainStatus.RUNNING.value
+    p["created_at"] = utcnow()
+    return hotpath.commit(_engine(sessions), p)
 
 
 _KIND = re.compile(r"([A-Za-z_][A-Za-z0-9_.]*): ")
@@ -363,13 +333,16 @@ def error_kind(error: str) -> str:
 
 def record_failure(
     sessions: Sessions, chain_id: int, step: int, error: str, max_attempts: int
-) -> str:
+) -> tuple[str, int]:
     """Count a failed attempt at `step` and log it in `step_errors`; the chain fails for good
-    after `max_attempts`."""
+    after `max_attempts`. Returns the chain's status and attempts afterwards (unchanged when
+    the step was taken meanwhile or the chain finished)."""
     with sessions.begin() as s:
         chain = s.get(Chain, chain_id, with_for_update=True)
-        if chain is None or chain.status in FINAL or chain.current_step >= step:
-            return chain.status if chain is not None else ChainStatus.FAILED.value
+        if chain is None:
+            return ChainStatus.FAILED.value, 0
+        if chain.status in FINAL or chain.current_step >= step:
+            return chain.status, chain.attempts
         chain.attempts += 1
         chain.last_error = f"step {step}: {error}"[:4000]
         s.add(
@@ -387,7 +360,7 @@ def record_failure(
             if chain.attempts >= max_attempts
             else ChainStatus.PENDING.value
         )
-        return chain.status
+        return chain.status, chain.attempts
 
 
 def mark_enqueued(sessions: Sessions, chain_ids: Sequence[int]) -> None:
@@ -428,22 +401,40 @@ def unfinished_chains(
     return [(cid, cur + 1) for cid, cur in rows]
 
 
-def stalled_chains(sessions: Sessions, older_than: dt.timedelta) -> list[tuple[int, int]]:
-    """Unfinished chains of active sweeps untouched for longer than `older_than`."""
-    cutoff = utcnow() - older_than
+DEFAULT_STALL_TIMEOUT = 600.0
+
+
+def stalled_chains(
+    sessions: Sessions, older_than: dt.timedelta | None = None
+) -> list[tuple[int, int]]:
+    """Unfinished chains of active sweeps untouched for longer than `older_than`, or, when it
+    is None, than their own sweep's `execution.stall_timeout`."""
     with sessions() as s:
-        rows = s.execute(
-            select(Chain.id, Chain.current_step)
-            .join(Run, Run.id == Chain.run_id)
-            .join(Sweep, Sweep.id == Run.sweep_id)
-            .where(
-                Sweep.status == SweepStatus.ACTIVE.value,
-                Chain.status.in_([ChainStatus.PENDING.value, ChainStatus.RUNNING.value]),
-                Chain.updated_at < cutoff,
-            )
-            .order_by(Chain.id)
+        sweeps = s.execute(
+            select(Sweep.id, Sweep.config).where(Sweep.status == SweepStatus.ACTIVE.value)
         ).all()
-    return [(cid, cur + 1) for cid, cur in rows]
+        out: list[tuple[int, int]] = []
+        now = utcnow()
+        for sweep_id, config in sweeps:
+            if older_than is None:
+                execution = (config or {}).get("execution") or {}
+                limit = dt.timedelta(
+                    seconds=float(execution.get("stall_timeout", DEFAULT_STALL_TIMEOUT))
+                )
+            else:
+                limit = older_than
+            rows = s.execute(
+                select(Chain.id, Chain.current_step)
+                .join(Run, Run.id == Chain.run_id)
+                .where(
+                    Run.sweep_id == sweep_id,
+                    Chain.status.in_([ChainStatus.PENDING.value, ChainStatus.RUNNING.value]),
+                    Chain.updated_at < now - limit,
+                )
+                .order_by(Chain.id)
+            ).all()
+            out.extend((cid, cur + 1) for cid, cur in rows)
+    return out
 
 
 def cancel_sweep(sessions: Sessions, sweep_id: int) -> int:

@@ -1,0 +1,81 @@
+"""One started client per distinct server spec, shared by every step of a process."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from qalign.clients import make_generator, make_reward
+from qalign.clients.base import Generator, RewardModel
+from qalign.clients.cache import CachedReward
+from qalign.clients.credentials import api_key
+from qalign.clients.http import HttpSettings
+from qalign.clients.spec import GeneratorSpec, RewardSpec
+
+C = TypeVar("C")
+
+
+class ClientRegistry:
+    """Builds, starts and keeps clients by spec; `close()` closes them all.
+
+    Args:
+        startup_timeout: seconds a new client waits for its server to become healthy.
+    """
+
+    def __init__(self, startup_timeout: float = 600.0) -> None:
+        self.startup_timeout = startup_timeout
+        self._items: dict[GeneratorSpec | RewardSpec, Any] = {}
+        self._locks: dict[GeneratorSpec | RewardSpec, asyncio.Lock] = {}
+
+    async def _get(self, spec: GeneratorSpec | RewardSpec, build: Callable[[], C]) -> C:
+        found = self._items.get(spec)
+        if found is not None:
+            return found  # type: ignore[no-any-return]
+        async with self._locks.setdefault(spec, asyncio.Lock()):
+            if spec not in self._items:
+                client: Any = build()
+                await client.start()
+                self._items[spec] = client
+        return self._items[spec]  # type: ignore[no-any-return]
+
+    async def generator(self, spec: GeneratorSpec) -> Generator:
+        def build() -> Generator:
+            return make_generator(
+                spec.backend,
+                list(spec.urls),
+                spec.model,
+                settings=HttpSettings(
+                    total_timeout=spec.timeout,
+                    max_retries=spec.max_retries,
+                    api_key=api_key(spec.api_key_env, spec.api_key_file),
+                ),
+                startup_timeout=self.startup_timeout,
+                vocab_size=spec.vocab_size,
+            )
+
+        return await self._get(spec, build)
+
+    async def reward(self, spec: RewardSpec) -> RewardModel:
+        def build() -> RewardModel:
+            return CachedReward(
+                make_reward(
+                    spec.format,
+                    list(spec.urls),
+                    spec.model,
+                    settings=HttpSettings(
+                        total_timeout=spec.timeout,
+                        max_retries=spec.max_retries,
+                        api_key=api_key(spec.api_key_env, spec.api_key_file),
+                    ),
+                    batch_size=spec.batch_size,
+                    startup_timeout=self.startup_timeout,
+                )
+            )
+
+        return await self._get(spec, build)
+
+    async def close(self) -> None:
+        for client in self._items.values():
+            await client.close()
+        self._items.clear()

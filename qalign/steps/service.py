@@ -1,0 +1,418 @@
+"""`StepService.take`: one step of one stored chain, for every runner.
+
+Reads the chain in one short transaction, talks to the servers with no transaction open, then
+commits the proposal and the chain's new state in a second transaction guarded by a
+compare-and-set on the chain's step. A duplicated, replayed or concurrent delivery of the same
+(chain, step) therefore adds nothing and moves nothing.
+
+Whatever goes wrong in a step is that chain's business: a server error, a malformed answer, a
+bad credential, even a bug, is recorded in `step_errors` against the chain (the step is retried
+until `execution.max_attempts`), with API keys masked. Only the database being unavailable
+defers the step without recording anything, and a database that cannot be used at all (read-only,
+full, corrupt) raises `DatabaseFailure`: that is no chain's fault, and a runner should stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+import socket
+import sqlite3
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from qalign.clients.credentials import api_key
+from qalign.clients.errors import ClientError, CredentialsError, PromptTooLongError
+from qalign.clients.registry import ClientRegistry
+from qalign.clients.spec import GeneratorSpec, RewardSpec
+from qalign.core import State
+from qalign.sampling.step import (
+    ChainSpec,
+    StepRecord,
+    initial_step,
+    mcmc_step,
+    templated_prompt,
+)
+from qalign.steps.outcome import Outcome, Result
+from qalign.steps.spec import RunSpec
+from qalign.storage import repo
+from qalign.storage.errors import TRANSIENT_DB_ERRORS, StorageError
+from qalign.storage.models import ChainStatus
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SPEC_TTL_S = 30.0  # how long a process trusts a run's stored settings before reading them again
+
+
+class DatabaseFailure(StorageError):
+    """The database refused a step's read or write for a reason no retry fixes by itself."""
+
+
+class StepStalledError(TimeoutError):
+    """A step took longer than its run's `execution.stall_timeout`."""
+
+
+def default_worker_name() -> str:
+    """Who took a step when the runner gives no name: host and process id."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _database_error(exc: BaseException) -> bool:
+    """Whether `exc` comes from the database driver or layer (not from a server or our code)."""
+    import psycopg
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return isinstance(exc, sqlite3.Error | psycopg.Error | SQLAlchemyError | StorageError)
+
+
+def _transient(exc: BaseException) -> bool:
+    """The database is down, restarting or busy: the same statement may work later."""
+    if not isinstance(exc, TRANSIENT_DB_ERRORS):
+        return False
+    cause = getattr(exc, "orig", None) or exc
+    if isinstance(cause, sqlite3.OperationalError):
+        # SQLite's OperationalError also covers a read-only or full database, which waiting
+        # does not fix; only lock contention does.
+        text = str(cause).lower()
+        return "locked" in text or "busy" in text
+    return True
+
+
+def _where(exc: BaseException) -> str:
+    """The innermost frame of an unexpected error, for a bug report."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    f = frames[-1]
+    path = Path(f.filename)
+    parts = path.parts
+    shown = "/".join(parts[parts.index("qalign") :]) if "qalign" in parts else path.name
+    return f" (at {shown}:{f.lineno} in {f.name})"
+
+
+def _describe(exc: BaseException, stall_timeout: float) -> tuple[str, int | None]:
+    """The text recorded for a failed attempt, and the attempts allowed (None: the run's)."""
+    if isinstance(exc, PromptTooLongError):
+        return str(exc), 1  # retrying cannot make the prompt shorter
+    if isinstance(exc, StepStalledError):
+        return (
+            f"StepStalledError: the step took longer than execution.stall_timeout="
+            f"{stall_timeout:g} s",
+            None,
+        )
+    if isinstance(exc, ClientError | OSError | TimeoutError):
+        return f"{type(exc).__name__}: {exc}", None
+    return f"{type(exc).__name__}: {exc}{_where(exc)}", None
+
+
+def _keys(spec: RunSpec) -> list[str]:
+    out = []
+    sections: list[GeneratorSpec | RewardSpec | None] = [spec.generator, spec.reward]
+    for section in sections:
+        if section is None:
+            continue
+        try:
+            key = api_key(section.api_key_env, section.api_key_file)
+        except CredentialsError:
+            continue
+        if key:
+            out.append(key)
+    return out
+
+
+def mask_secrets(text: str, secrets: list[str]) -> str:
+    """`text` with every secret replaced by `***` (servers may echo a request's headers)."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def step_params(chain: repo.ChainRow, rec: StepRecord, worker: str) -> dict[str, Any]:
+    """The SQL parameters of a step's commit (`repo.STEP_PARAMS`), straight from its record."""
+    proposal = rec.proposal
+    state: State = rec.state
+    return {
+        "chain_id": chain.chain_id,
+        "run_id": chain.run_id,
+        "step": rec.step,
+        "cut": rec.cut,
+        "new_tokens": rec.new_tokens,
+        "response_len": len(proposal.tokens) if proposal else rec.cut + len(rec.new_tokens),
+        "text": rec.proposal_text,
+        "reward": proposal.reward if proposal else None,
+        "log_a": rec.decision.log_a,
+        "alpha": rec.decision.alpha,
+        "accepted": rec.accepted,
+        "finish": rec.finish.value,
+        "reject_reason": rec.decision.reason.value if rec.decision.reason else None,
+        "gen_seed": rec.gen_seed,
+        "reward_tokens": rec.reward_tokens,
+        "gen_latency_ms": rec.gen_latency_s * 1000.0,
+        "reward_latency_ms": rec.reward_latency_s * 1000.0,
+        "endpoint": rec.endpoint,
+        "worker": worker,
+        "state_tokens": state.tokens,
+        "state_logprobs": state.logprobs,
+        "state_reward": state.reward,
+        "state_finish": state.finish.value,
+        "state_text": rec.state_text,
+        "done": rec.step >= chain.target_steps,
+    }
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    chain: repo.ChainRow
+    sweep_id: int
+    spec: RunSpec
+    messages: list[dict[str, Any]]
+    prompt_ids: list[int] | None
+
+
+class StepService:
+    """Takes steps of stored chains; one per process, shared by all its runners' drivers.
+
+    Args:
+        sessions: the database.
+        worker: the name stored with every proposal this process commits.
+        concurrency: steps of one sweep at the servers at once in this process; None takes each
+            sweep's `execution.concurrency`.
+        clients: the server clients (a new registry when None).
+        db_threads: threads for blocking database calls (PostgreSQL; SQLite runs inline).
+    """
+
+    def __init__(
+        self,
+        sessions: repo.Sessions,
+        *,
+        worker: str | None = None,
+        concurrency: int | None = None,
+        clients: ClientRegistry | None = None,
+        db_threads: int = 32,
+    ) -> None:
+        if concurrency is not None and concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self.sessions = sessions
+        self.worker = worker or default_worker_name()
+        self.concurrency = concurrency
+        self.clients = clients or ClientRegistry()
+        self.db_threads = db_threads
+        self._pool: ThreadPoolExecutor | None = None
+        bind = sessions.kw.get("bind")
+        # A local SQLite call takes tens of microseconds, less than handing it to a thread and
+        # back; and SQLite has a single writer anyway.
+        self._inline = getattr(getattr(bind, "dialect", None), "name", "") == "sqlite"
+        self._specs: dict[int, tuple[float, int, RunSpec]] = {}
+        self._limits: dict[int, tuple[int, asyncio.Semaphore]] = {}
+
+    # ---- database ----------------------------------------------------------------------------
+
+    async def db(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking database call off the event loop (SQLite: on it, see __init__)."""
+        if self._inline:
+            return fn(*args)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.db_threads, thread_name_prefix="qalign-db")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def run_spec(self, run_id: int) -> tuple[int, RunSpec]:
+        """(sweep id, settings) of a run, re-read from the database every `SPEC_TTL_S`."""
+        now = time.monotonic()
+        cached = self._specs.get(run_id)
+        if cached is not None and cached[0] > now:
+            return cached[1], cached[2]
+        sweep_id, config = repo.run_settings(self.sessions, run_id)
+        spec = RunSpec.from_config(config)
+        self._specs[run_id] = (now + SPEC_TTL_S, sweep_id, spec)
+        return sweep_id, spec
+
+    def _load(self, chain_id: int) -> _Loaded:
+        chain = repo.read_chain(self.sessions, chain_id)
+        sweep_id, spec = self.run_spec(chain.run_id)
+        return _Loaded(
+            chain=chain,
+            sweep_id=sweep_id,
+            spec=spec,
+            messages=repo.prompt_messages(self.sessions, chain.prompt_id),
+            prompt_ids=repo.prompt_encoding(self.sessions, chain.prompt_id, spec.generator.model),
+        )
+
+    # ---- one step ----------------------------------------------------------------------------
+
+    async def take(self, chain_id: int, step: int) -> Outcome:
+        """Take step `step` of chain `chain_id` if it is the chain's next step; see module doc.
+
+        Raises:
+            DatabaseFailure: the database cannot be used (read-only, full, corrupt, ...).
+        """
+        try:
+            loaded = await self.db(self._load, chain_id)
+        except LookupError as exc:
+            log.warning("chain %s step %s: dropped: %s", chain_id, step, exc)
+            return Outcome(chain_id, step, Result.SKIPPED, error=str(exc))
+        except Exception as exc:
+            if _database_error(exc):
+                return self._database_trouble(chain_id, step, exc)
+            raise
+        chain, spec = loaded.chain, loaded.spec
+        if (early := self._precheck(chain, step, spec)) is not None:
+            return early
+        try:
+            rec = await self._propose(loaded, step)
+        except Exception as exc:
+            if _database_error(exc):
+                return self._database_trouble(chain_id, step, exc)
+            return await self._failed(loaded, step, exc)
+        try:
+            moved = await self.db(
+                repo.commit_step, self.sessions, step_params(chain, rec, self.worker)
+            )
+        except Exception as exc:
+            if _database_error(exc):
+                return self._database_trouble(chain_id, step, exc)
+            return await self._failed(loaded, step, exc)
+        if not moved:
+            return Outcome(chain_id, step, Result.DUPLICATE, run_id=chain.run_id)
+        done = step >= chain.target_steps
+        return Outcome(
+            chain_id,
+            step,
+            Result.COMMITTED,
+            next_step=None if done else step + 1,
+            chain_status=ChainStatus.DONE.value if done else ChainStatus.RUNNING.value,
+            run_id=chain.run_id,
+        )
+
+    def _precheck(self, chain: repo.ChainRow, step: int, spec: RunSpec) -> Outcome | None:
+        """The outcome when step `step` is not this chain's next step, else None.
+
+        A message for a step already taken is normally a duplicate whose twin drives the chain
+        on. But when the chain has sat untouched for the run's `stall_timeout`, whoever took
+        that step died before handing the chain on (e.g. a worker killed after its commit), so
+        the duplicate's `next_step` invites the caller to adopt the chain. Two adopters cannot
+        both commit a step; the loser sees a freshly moved chain at its next step and stops.
+        """
+        cid, run_id = chain.chain_id, chain.run_id
+        if chain.status in repo.FINAL:
+            return Outcome(cid, step, Result.SKIPPED, chain_status=chain.status, run_id=run_id)
+        if chain.current_step >= step:
+            idle = (dt.datetime.now(dt.UTC) - chain.updated_at).total_seconds()
+            adopt = chain.current_step + 1 if idle >= spec.execution.stall_timeout else None
+            if adopt is not None and chain.current_step >= chain.target_steps:
+                adopt = None
+            return Outcome(
+                cid, step, Result.DUPLICATE, next_step=adopt, chain_status=chain.status,
+                run_id=run_id,
+            )  # fmt: skip
+        if chain.current_step < step - 1:
+            return Outcome(cid, step, Result.SKIPPED, chain_status=chain.status, run_id=run_id)
+        return None
+
+    def _limit(self, sweep_id: int, spec: RunSpec) -> asyncio.Semaphore:
+        size = self.concurrency or spec.execution.concurrency
+        found = self._limits.get(sweep_id)
+        if found is None or found[0] != size:
+            # A changed `execution.concurrency` takes effect for new steps; steps holding the
+            # old semaphore finish under it.
+            found = self._limits[sweep_id] = (size, asyncio.Semaphore(size))
+        return found[1]
+
+    async def _propose(self, loaded: _Loaded, step: int) -> StepRecord:
+        """Talk to the servers for step `step`: the record to commit."""
+        spec = loaded.spec
+        async with self._limit(loaded.sweep_id, spec):
+            deadline = asyncio.timeout(spec.execution.stall_timeout)
+            try:
+                async with deadline:
+                    return await self._sample(loaded, step)
+            except TimeoutError as exc:
+                if deadline.expired():
+                    raise StepStalledError(str(exc)) from exc
+                raise
+
+    async def _sample(self, loaded: _Loaded, step: int) -> StepRecord:
+        chain, spec = loaded.chain, loaded.spec
+        gen = await self.clients.generator(spec.generator)
+        rm = await self.clients.reward(spec.reward) if spec.reward is not None else None
+        prompt_ids = loaded.prompt_ids
+        if prompt_ids is None:
+            prompt_ids = await templated_prompt(gen, loaded.messages, spec.max_prompt_length)
+            await self.db(repo.save_encoding, self.sessions, chain.prompt_id, gen.model, prompt_ids)
+        chain_spec = ChainSpec(
+            key=chain.rng_key,
+            seed=chain.seed,
+            prompt_ids=tuple(prompt_ids),
+            messages=loaded.messages,
+            kernel=spec.kernel,
+            sampling=spec.sampling,
+        )
+        if step == 0:
+            return await initial_step(chain_spec, gen, rm)
+        if chain.state is None or rm is None:
+            raise RuntimeError(
+                f"chain {chain.chain_id} has no state or reward model before step {step}"
+            )
+        return await mcmc_step(chain_spec, chain.state, chain.state_text or "", step, gen, rm)
+
+    async def _failed(self, loaded: _Loaded, step: int, exc: BaseException) -> Outcome:
+        """Record a failed attempt against this chain only."""
+        chain, spec = loaded.chain, loaded.spec
+        message, allowed = _describe(exc, spec.execution.stall_timeout)
+        message = mask_secrets(message, _keys(spec))
+        max_attempts = allowed or spec.execution.max_attempts
+        log.warning("chain %d step %d failed: %s", chain.chain_id, step, message)
+        log.debug("chain %d step %d failure", chain.chain_id, step, exc_info=exc)
+        try:
+            status, attempts = await self.db(
+                repo.record_failure, self.sessions, chain.chain_id, step, message, max_attempts
+            )
+        except Exception as db_exc:
+            if _database_error(db_exc):
+                return self._database_trouble(chain.chain_id, step, db_exc)
+            raise
+        return Outcome(
+            chain.chain_id,
+            step,
+            Result.FAILED,
+            chain_status=status,
+            attempts=attempts,
+            error=message,
+            run_id=chain.run_id,
+        )
+
+    def _database_trouble(self, chain_id: int, step: int, exc: BaseException) -> Outcome:
+        if _transient(exc):
+            first = (str(exc).splitlines() or [""])[0][:200]
+            log.warning(
+                "chain %s step %s: database unavailable (%s: %s); retrying later",
+                chain_id, step, type(exc).__name__, first,
+            )  # fmt: skip
+            return Outcome(chain_id, step, Result.DEFERRED, error=f"{type(exc).__name__}: {first}")
+        if isinstance(exc, DatabaseFailure):
+            raise exc
+        raise DatabaseFailure(_database_message(exc, self.sessions)) from exc
+
+    async def close(self) -> None:
+        await self.clients.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+
+def _database_message(exc: BaseException, sessions: repo.Sessions) -> str:
+    from qalign.storage.engine import redact_url
+
+    bind = sessions.kw.get("bind")
+    where = redact_url(bind.url) if bind is not None else "the database"
+    cause = getattr(exc, "orig", None) or exc
+    first = (str(cause).splitlines() or [""])[0][:300]
+    return f"cannot use {where}: {first} ({type(cause).__name__})"
