@@ -225,9 +225,13 @@ def run_command(
         click.echo("interrupted: run the same command again to resume", err=True)
         sys.exit(130)
     print_status(sessions, sweep_id, as_json=False)
-    if report.failed_chains:
+    from qalign.storage import repo
+
+    # Chains that failed in an earlier run count too: the sweep is not complete.
+    failed = sum(r.chains_failed for r in repo.sweep_status(sessions, sweep_id))
+    if failed or report.failed_chains:
         _fail(
-            f"{len(report.failed_chains)} chain(s) failed (execution.max_attempts="
+            f"{max(failed, len(report.failed_chains))} chain(s) failed (execution.max_attempts="
             f"{cfg.execution.max_attempts}); see `qalign sweep status` and rerun with "
             "--retry-failed"
         )

@@ -73,13 +73,26 @@ class GeneratorConfig(_Strict):
     api_key_env: str | None = None
     api_key_file: str | None = None
     vocab_size: Annotated[int, Field(ge=1)] | None = None
+    template_url: list[str] | None = None
 
     _urls = field_validator("urls", "model", mode="before")(_as_list)
     _http = field_validator("urls")(_check_http_urls)
 
+    @field_validator("template_url", mode="before")
+    @classmethod
+    def _template_urls(cls, value: Any) -> Any:
+        return None if value is None else _as_list(value)
+
+    @field_validator("template_url")
+    @classmethod
+    def _template_http(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else _check_http_urls(value)
+
     @model_validator(mode="after")
     def _key_source(self) -> GeneratorConfig:
         _check_key_source(self.api_key_env, self.api_key_file)
+        if self.template_url is not None and self.backend != "sglang":
+            raise ValueError("template_url is for backend sglang (which cannot apply a template)")
         return self
 
 
@@ -238,6 +251,7 @@ class SweepConfig(_Strict):
             "api_key_file",
             "batch_size",
             "vocab_size",
+            "template_url",
         }
         data = self.model_dump(
             mode="json",

@@ -505,8 +505,12 @@ def test_faults_are_off_by_default_and_switchable_at_runtime() -> None:
             "hang_seconds": 3600.0,
             "malformed_rate": 0.0,
             "nan_rate": 0.0,
+            "seeded_errors": 0,
+            "seeded_error_every": 1,
         }
-        assert state["injected"] == {"error": 0, "hang": 0, "malformed": 0, "nan": 0}
+        assert state["injected"] == {
+            "error": 0, "hang": 0, "malformed": 0, "nan": 0, "seeded_error": 0,
+        }  # fmt: skip
         body = {"prompt": PROMPT, "max_tokens": 1}
         assert all(call(h.url, "/v1/completions", body)[0] == 200 for _ in range(20))
         out = ok(h.url, "/admin/faults", {"error_rate": 1.0})
@@ -525,9 +529,27 @@ def test_faults_are_off_by_default_and_switchable_at_runtime() -> None:
         assert h.metrics()["faults"]["hang"] == 1
 
 
+def test_seeded_faults_depend_on_the_request_not_on_the_order() -> None:
+    """Unlucky seeds fail their first N requests whatever else was asked in between."""
+    with serve_in_thread(ToyServerOptions(port=0)) as h:
+        ok(h.url, "/admin/faults", {"seeded_errors": 2, "seeded_error_every": 3})
+
+        def ask(seed: int) -> int:
+            body = {"prompt": PROMPT, "max_tokens": 1, "seed": seed}
+            return call(h.url, "/v1/completions", body)[0]
+
+        assert [ask(6), ask(7), ask(6), ask(9), ask(6), ask(7)] == [503, 200, 503, 503, 200, 200]
+        assert call(h.url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 1})[0] == 200
+        assert h.metrics()["faults"]["seeded_error"] == 3
+        ok(h.url, "/admin/faults", {"seeded_errors": 1})  # a change of settings starts afresh
+        assert [ask(6), ask(6)] == [503, 200]
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
+        ({"seeded_errors": -1}, "seeded_errors must be a whole number >= 0"),
+        ({"seeded_error_every": 0}, "seeded_error_every must be a whole number >= 1"),
         ({"error_rate": 1.5}, "error_rate must be in [0, 1]"),
         ({"error_rate": 0.6, "hang_rate": 0.6}, "error_rate + hang_rate must be <= 1"),
         ({"nan_rate": "often"}, "nan_rate must be a number"),

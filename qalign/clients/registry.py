@@ -20,7 +20,9 @@ class ClientRegistry:
     """Builds, starts and keeps clients by spec; `close()` closes them all.
 
     Args:
-        startup_timeout: seconds a new client waits for its server to become healthy.
+        startup_timeout: the most seconds a new client waits for its server to become healthy;
+            a spec waits at most its `timeout × max_retries` (the longest one request of it
+            may take), so a server that is down fails its steps as a failing request would.
     """
 
     def __init__(self, startup_timeout: float = 600.0) -> None:
@@ -41,6 +43,9 @@ class ClientRegistry:
 
     async def generator(self, spec: GeneratorSpec) -> Generator:
         def build() -> Generator:
+            extra: dict[str, Any] = {}
+            if spec.template_url is not None:
+                extra["template_url"] = list(spec.template_url)
             return make_generator(
                 spec.backend,
                 list(spec.urls),
@@ -50,8 +55,9 @@ class ClientRegistry:
                     max_retries=spec.max_retries,
                     api_key=api_key(spec.api_key_env, spec.api_key_file),
                 ),
-                startup_timeout=self.startup_timeout,
+                startup_timeout=self._startup(spec),
                 vocab_size=spec.vocab_size,
+                **extra,
             )
 
         return await self._get(spec, build)
@@ -69,11 +75,14 @@ class ClientRegistry:
                         api_key=api_key(spec.api_key_env, spec.api_key_file),
                     ),
                     batch_size=spec.batch_size,
-                    startup_timeout=self.startup_timeout,
+                    startup_timeout=self._startup(spec),
                 )
             )
 
         return await self._get(spec, build)
+
+    def _startup(self, spec: GeneratorSpec | RewardSpec) -> float:
+        return min(self.startup_timeout, spec.timeout * spec.max_retries)
 
     async def close(self) -> None:
         for client in self._items.values():

@@ -23,9 +23,11 @@ class GeneratorSpec:
     api_key_env: str | None = None
     api_key_file: str | None = None
     vocab_size: int | None = None
+    template_url: tuple[str, ...] | None = None  # SGLang: a vLLM-compatible /tokenize server
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> GeneratorSpec:
+        template = cfg.get("template_url")
         return cls(
             backend=str(cfg["backend"]),
             urls=tuple(cfg["urls"]),
@@ -35,6 +37,7 @@ class GeneratorSpec:
             api_key_env=cfg.get("api_key_env"),
             api_key_file=cfg.get("api_key_file"),
             vocab_size=cfg.get("vocab_size"),
+            template_url=None if template is None else tuple(template),
         )
 
 

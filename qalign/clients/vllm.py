@@ -485,7 +485,9 @@ class VLLMReward:
         ids = await self.conversation_ids(PROBE_CONVERSATION)
         raw = (await self._score_batch([ids], use_activation=False))[0]
         act = (await self._score_batch([ids], use_activation=True))[0]
-        if math.isclose(raw, act, rel_tol=1e-6, abs_tol=1e-9) and 0.0 <= raw <= 1.0:
+        # A sigmoid output lies strictly inside (0, 1); a raw 0.0 (common for a neutral probe)
+        # from a server that ignores the flag is a logit, not a probability.
+        if math.isclose(raw, act, rel_tol=1e-6, abs_tol=1e-9) and 0.0 < raw < 1.0:
             log.warning(
                 "reward server %s ignores use_activation (probe: %r with and without): it"
                 " returns sigmoid probabilities; converting with logit(p). Rewards near 0/1"

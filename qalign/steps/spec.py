@@ -127,6 +127,7 @@ class RunSpec:
                 "api_key_env": gen.api_key_env,
                 "api_key_file": gen.api_key_file,
                 "vocab_size": gen.vocab_size,
+                "template_url": None if gen.template_url is None else list(gen.template_url),
             },
             "reward": None
             if rm is None

@@ -10,12 +10,13 @@ vLLM reward (pooling runner)
     ``POST /classify`` (body with ``input`` / ``messages``), ``POST /pooling``.
 SGLang native
     ``POST /generate``, ``POST /classify`` (body with ``text`` / ``input_ids``),
-    ``GET /get_model_info`` (``/health`` is shared).
+    ``GET /get_model_info`` (``/health`` is shared; ``/detokenize`` answers both layouts).
 Toy extras
     ``GET /metrics``: JSON counters (requests by endpoint, faults, generated tokens...).
     ``GET /admin/faults``, ``POST /admin/faults``: read or change the fault injection switches
     while the server runs (JSON with any of ``error_rate``, ``hang_rate``, ``hang_seconds``,
-    ``malformed_rate``, ``nan_rate``); for chaos tests.
+    ``malformed_rate``, ``nan_rate``, ``seeded_errors``, ``seeded_error_every``); for chaos
+    tests and for runs that must meet the same faults in any order.
 
 Behaviour that matters for exactness, imitated from the real servers:
 
@@ -93,7 +94,7 @@ ENDPOINTS = (
     "/metrics",
     "/admin/faults",
 )
-FAULT_KINDS = ("error", "hang", "malformed", "nan")
+FAULT_KINDS = ("error", "hang", "malformed", "nan", "seeded_error")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -107,6 +108,11 @@ class FaultSettings:
     A request is answered 503 (`error_rate`) or first sleeps `hang_seconds` (`hang_rate`); a
     request that gets through has its 200 body cut short (`malformed_rate`: invalid JSON) or, on
     the scoring endpoints, every score replaced by NaN (`nan_rate`).
+
+    `seeded_errors` > 0 makes faults a function of the request instead of a random draw: a
+    generation whose `seed` is a multiple of `seeded_error_every` is answered 503 the first
+    `seeded_errors` times that seed is asked for (counted from the last change of settings),
+    so two runs that ask for the same generations meet the same faults in any order.
     """
 
     error_rate: float = 0.0
@@ -114,6 +120,8 @@ class FaultSettings:
     hang_seconds: float = 3600.0
     malformed_rate: float = 0.0
     nan_rate: float = 0.0
+    seeded_errors: int = 0
+    seeded_error_every: int = 1
 
     def check(self) -> None:
         """Raise ValueError naming the first invalid setting."""
@@ -131,6 +139,10 @@ class FaultSettings:
                 raise ValueError(f"{name} must be in [0, 1], got {rate}")
         if self.error_rate + self.hang_rate > 1.0:
             raise ValueError("error_rate + hang_rate must be <= 1")
+        if self.seeded_errors < 0 or int(self.seeded_errors) != self.seeded_errors:
+            raise ValueError("seeded_errors must be a whole number >= 0")
+        if self.seeded_error_every < 1 or int(self.seeded_error_every) != self.seeded_error_every:
+            raise ValueError("seeded_error_every must be a whole number >= 1")
 
     def updated(self, changes: Mapping[str, Any]) -> FaultSettings:
         """A copy with `changes` applied and checked; unknown keys raise ValueError."""
@@ -462,6 +474,7 @@ class _Stats:
         self.scored_inputs = 0
         self.running_sequences = 0
         self.peak_running_sequences = 0
+        self.temperatures: dict[str, int] = {}  # sequences sampled at each temperature
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -473,6 +486,7 @@ class _Stats:
             "scored_inputs": self.scored_inputs,
             "running_sequences": self.running_sequences,
             "peak_running_sequences": self.peak_running_sequences,
+            "temperatures": dict(self.temperatures),
         }
 
 
@@ -487,6 +501,7 @@ class _ToyState:
         self.sampler = _Sampler(options.model, options.logprobs_mode)
         self.stats = _Stats()
         self.faults = options.faults()  # replaced whole by POST /admin/faults
+        self.seed_requests: dict[int, int] = {}  # requests per generation seed (seeded_errors)
         self.fault_rng = random.Random(options.fault_seed)
         self.rng = random.Random()  # unseeded requests: fresh randomness
         self.capacity: asyncio.Semaphore | None = None  # created on the serving loop
@@ -557,6 +572,19 @@ class _ToyState:
             if self.stopping.is_set():
                 raise _RequestError(503, "the server is shutting down")
 
+    def maybe_seeded_fault(self, seed: int | None) -> None:
+        """503 for the first `seeded_errors` requests of an unlucky seed (see FaultSettings)."""
+        opts = self.faults
+        if opts.seeded_errors <= 0 or seed is None or seed % opts.seeded_error_every:
+            return
+        seen = self.seed_requests.get(seed, 0)
+        self.seed_requests[seed] = seen + 1
+        if seen < opts.seeded_errors:
+            self.stats.faults["seeded_error"] += 1
+            raise _RequestError(
+                503, f"injected fault: seed {seed} fails its first {opts.seeded_errors} request(s)"
+            )
+
     def draw(self, kind: str, rate: float) -> bool:
         """Whether this request gets fault `kind`; counts it. No draw at rate 0 (keeps seeded
         fault sequences of the other kinds unchanged)."""
@@ -619,6 +647,8 @@ class _ToyState:
         seq = self.sampler.sample(prev, max_tokens, temperature, rng, stop_ids)
         self.stats.generated_tokens += len(seq.tokens)
         self.stats.sequences += 1
+        key = f"{temperature:g}"
+        self.stats.temperatures[key] = self.stats.temperatures.get(key, 0) + 1
         return seq
 
     def text_of(self, seq: _Sequence, skip_special: bool, keep_stop: bool) -> str:
@@ -767,6 +797,7 @@ class _Handlers:
             self.s.faults = self.s.faults.updated(body)
         except (ValueError, TypeError) as exc:
             raise _bad(str(exc)) from None
+        self.s.seed_requests.clear()
         return web.json_response(self._faults_body())
 
     # ---- tokenizer -----------------------------------------------------------------------------
@@ -823,7 +854,8 @@ class _Handlers:
             text = s.model.decode(ids)
         except ValueError as exc:
             raise _bad(str(exc), "tokens") from None
-        return web.json_response({"prompt": text})
+        # vLLM answers {"prompt": ...}, SGLang {"text": ...}: one path serves both clients.
+        return web.json_response({"prompt": text, "text": text})
 
     # ---- vLLM completions ----------------------------------------------------------------------
     def _vllm_prompts(self, prompt: Any, add_special_tokens: bool) -> list[list[int]]:
@@ -866,6 +898,7 @@ class _Handlers:
         if temperature < 0:
             raise _bad(f"temperature must be non-negative, got {temperature}.", "temperature")
         seed = _int_param(body, "seed", None, -(1 << 63))
+        s.maybe_seeded_fault(seed)
         logprobs = _int_param(body, "logprobs", None, 0)
         if logprobs is not None and logprobs > opts.max_logprobs:
             raise _bad(
