@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from qalign.core import Finish, State
 from qalign.storage import hotpath
+from qalign.storage.errors import ChainNotFoundError
 from qalign.storage.models import (
     Chain,
     ChainStatus,
@@ -225,7 +226,7 @@ def load_step_context(sessions: Sessions, chain_id: int) -> StepContext:
     """One primary-key read of the chain; run config, messages and encodings come from caches."""
     row = hotpath.read_chain(_engine(sessions), chain_id)
     if row is None:
-        raise LookupError(f"chain {chain_id} does not exist")
+        raise ChainNotFoundError(f"chain {chain_id} does not exist")
     (run_id, prompt_id, rng_key, seed, target, current, status, attempts,
      tokens, logprobs, reward, finish, text, updated_at) = row  # fmt: skip
     config, messages = _static_context(sessions, run_id, prompt_id)

@@ -17,7 +17,8 @@ from celery import Celery
 from celery.signals import worker_shutting_down
 
 from qalign.scheduler.dispatch import STEP_TASK
-from qalign.storage.errors import TRANSIENT_DB_ERRORS
+from qalign.storage.errors import TRANSIENT_DB_ERRORS, ChainNotFoundError
+from qalign.workers.messages import InvalidStepArgsError, drop_line, parse_step_args
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def _on_shutdown(**_: Any) -> None:
 
 
 @app.task(name=STEP_TASK, bind=True, ignore_result=True)
-def step_task(self: Any, chain_id: int, step: int) -> str:
+def step_task(self: Any, *args: Any, **kwargs: Any) -> str:
     """Take step `step` of chain `chain_id` and, within a small budget, the chain's next ones.
 
     One message per step costs more CPU in the broker round trip (publish, fetch, ack) than the
@@ -115,13 +116,20 @@ def step_task(self: Any, chain_id: int, step: int) -> str:
     """
     from qalign.workers.execute import Result, advance_blocking
 
-    chain_id, step = int(chain_id), int(step)
+    try:  # a message from elsewhere: one line, acknowledged (not a traceback per delivery)
+        chain_id, step = parse_step_args(args, kwargs)
+    except InvalidStepArgsError as exc:
+        log.error("%s", drop_line(self.request.id, STEP_TASK, str(exc)))
+        return "invalid"
     per_task = max(1, int(_env_float("QALIGN_STEPS_PER_TASK", 16)))
     deadline = time.monotonic() + _env_float("QALIGN_TASK_BUDGET_S", 10.0)
     svc = services()
     for taken in range(1, per_task + 1):
         try:
             out = advance_blocking(svc, chain_id, step, max_attempts=max_attempts())
+        except ChainNotFoundError as exc:
+            log.error("%s", drop_line(self.request.id, STEP_TASK, str(exc)))
+            return "invalid"
         except TRANSIENT_DB_ERRORS as exc:
             # The database is down or restarting. A step's commit is atomic, so nothing is half
             # written: hand the step back to the broker rather than let Celery ack it as failed.
