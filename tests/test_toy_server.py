@@ -505,6 +505,7 @@ def test_faults_are_off_by_default_and_switchable_at_runtime() -> None:
             "hang_seconds": 3600.0,
             "malformed_rate": 0.0,
             "nan_rate": 0.0,
+            "echo_auth": False,
         }
         assert state["injected"] == {"error": 0, "hang": 0, "malformed": 0, "nan": 0}
         body = {"prompt": PROMPT, "max_tokens": 1}
@@ -616,3 +617,57 @@ def test_options_and_cli() -> None:
         ToyServerOptions(nan_rate=2.0)
     result = runner.invoke(toy_server_command, ["--error-rate", "0.8", "--hang-rate", "0.5"])
     assert result.exit_code != 0 and "error_rate + hang_rate" in result.output
+
+
+def _with_auth(url: str, body: Any, auth: str | None) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json", **({"Authorization": auth} if auth else {})}
+    req = urllib.request.Request(
+        url + "/v1/completions", data=json.dumps(body).encode(), headers=headers
+    )
+    try:
+        with _OPENER.open(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_api_key_is_required_and_echo_auth_quotes_the_header() -> None:
+    body = {"prompt": PROMPT, "max_tokens": 1}
+    with serve_in_thread(ToyServerOptions(port=0, api_key="toy-key-1")) as h:
+        assert _with_auth(h.url, body, None) == (401, {"error": "Unauthorized"})  # vLLM's answer
+        assert _with_auth(h.url, body, "Bearer toy-key-2")[0] == 401
+        assert _with_auth(h.url, body, "Bearer toy-key-1")[0] == 200
+        assert call(h.url, "/health")[0] == 200  # probes and the admin endpoints stay open
+        assert ok(h.url, "/metrics")["errors_by_status"]["401"] == 2
+        assert ok(h.url, "/admin/faults", {"echo_auth": True, "error_rate": 1.0})["faults"][
+            "echo_auth"
+        ]
+        status, out = _with_auth(h.url, body, "Bearer toy-key-1")
+        assert status == 503
+        assert out["error"]["message"].endswith("(request Authorization: Bearer toy-key-1)")
+        status, out = _with_auth(h.url, body, "Bearer nope")
+        assert (status, out) == (
+            401,
+            {"error": "Unauthorized (request Authorization: Bearer nope)"},
+        )
+        status, out = call(h.url, "/admin/faults", {"echo_auth": 1})
+        assert status == 400 and "echo_auth must be true or false" in out["error"]["message"]
+    assert "toy-key-1" not in repr(ToyServerOptions(api_key="toy-key-1"))
+
+
+def test_cli_reads_the_api_key_from_a_file(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import qalign.toy.cli as toy_cli
+
+    seen: list[ToyServerOptions] = []
+
+    async def capture(options: ToyServerOptions) -> None:
+        seen.append(options)
+
+    monkeypatch.setattr(toy_cli, "_serve_forever", capture)
+    key_file = tmp_path / "toy.key"
+    key_file.write_text("  toy-key-3\n")
+    result = CliRunner().invoke(
+        toy_server_command, ["--api-key-file", str(key_file), "--echo-auth"]
+    )
+    assert result.exit_code == 0, result.output
+    assert seen[0].api_key == "toy-key-3" and seen[0].echo_auth
