@@ -305,11 +305,12 @@ class PrivatePostgres:
 class PrivateRedis:
     """A `redis-server` subprocess without persistence on its own port."""
 
-    def __init__(self) -> None:
+    def __init__(self, log: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log = Path(tempfile.mkstemp(prefix="qalign-chaos-redis-", suffix=".log")[1])
+        # Tests pass a file under their tmp_path; the benchmark keeps its log in the temp dir.
+        self.log = log or Path(tempfile.mkstemp(prefix="qalign-chaos-redis-", suffix=".log")[1])
 
     def start(self) -> None:
         import redis

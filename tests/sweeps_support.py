@@ -109,9 +109,10 @@ class Worker:
         concurrency: int = 16,
         env: dict[str, str] | None = None,
         args: tuple[str, ...] = (),
+        log_dir: Path | None = None,  # default /tmp; tests that keep files in tmp_path pass it
     ) -> None:
         self.name = name
-        self.log = Path(f"/tmp/qalign-{name}-{uuid.uuid4().hex[:6]}.log")
+        self.log = (log_dir or Path("/tmp")) / f"qalign-{name}-{uuid.uuid4().hex[:6]}.log"
         self.proc = subprocess.Popen(
             [
                 *QALIGN,

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from qalign.clients.redact import redact_known
+
 
 class ClientError(Exception):
-    """Base class for every client failure."""
+    """Base class for every client failure.
+
+    Its message never holds an API key of this process: servers may echo the request's
+    `Authorization` header in their error bodies, and these messages are stored, printed and
+    logged. Text arguments are masked when the error is made (see `qalign.clients.redact`).
+    """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact_known(a) if isinstance(a, str) else a for a in args))
 
 
 class ServerUnavailableError(ClientError):
@@ -18,7 +28,7 @@ class RetryableStatusError(ClientError):
         super().__init__(f"{url} answered HTTP {status}: {message}")
         self.url = url
         self.status = status
-        self.message = message
+        self.message = redact_known(message)
 
 
 class ServerRequestError(ClientError):
@@ -31,7 +41,7 @@ class ServerRequestError(ClientError):
         super().__init__(f"{url} rejected the request (HTTP {status}): {message}")
         self.url = url
         self.status = status
-        self.message = message
+        self.message = redact_known(message)
 
 
 class ProtocolError(ClientError):

@@ -45,6 +45,7 @@ from qalign.clients.errors import (
     ServerRequestError,
     ServerUnavailableError,
 )
+from qalign.clients.redact import redact_known, register_secret
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class HttpSettings:
     connection_limit: int = 512  # limit and limit_per_host
     keepalive_timeout: float = 4.0  # below uvicorn's 5 s keep-alive: avoids reuse races
     # Sent as `Authorization: Bearer <key>`; kept out of repr() so logging a settings object
-    # cannot leak it.
+    # cannot leak it, and masked in every client error and log line (a server may echo it).
     api_key: str | None = field(default=None, repr=False)
     cooldown: float = 5.0  # a failing replica is skipped for this long
     malformed_retries: int = 2  # extra attempts after a malformed 2xx body
@@ -100,6 +101,7 @@ class HttpSettings:
             raise ValueError("max_retries counts attempts and must be >= 1")
         if self.connection_limit < 1:
             raise ValueError("connection_limit must be >= 1")
+        register_secret(self.api_key)
 
     def timeout(self, max_tokens: int | None = None) -> aiohttp.ClientTimeout:
         """The aiohttp timeout of one attempt; `max_tokens` widens it for generation."""
@@ -238,15 +240,19 @@ def normalize_urls(urls: str | Iterable[str]) -> list[str]:
 
 
 def error_message(body: bytes | str, limit: int = 2000) -> str:
-    """The server's own message from an error body (vLLM nested/flat, llama.cpp, SGLang, text)."""
+    """The server's own message from an error body (vLLM nested/flat, llama.cpp, SGLang, text).
+
+    API keys in it (a server may echo the request's Authorization header) are masked before it
+    is cut to `limit`: a cut through a key could leave a part that no longer looks like it.
+    """
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
     text = text.strip()
     try:
         data = json.loads(text)
     except ValueError:
-        return text[:limit] or "(empty body)"
+        return redact_known(text)[:limit] or "(empty body)"
     msg = _message_from(data)
-    return (msg if msg is not None else text)[:limit] or "(empty body)"
+    return redact_known(msg if msg is not None else text)[:limit] or "(empty body)"
 
 
 def _message_from(data: Any) -> str | None:
@@ -666,7 +672,8 @@ def _decode(url: str, raw: bytes, parse: Callable[[Any], T], as_text: bool) -> T
         try:  # Python's parser also takes NaN/Infinity, which some servers emit for scores
             data = json.loads(raw)
         except ValueError as exc:
-            snippet = raw[:200].decode("utf-8", "replace")
+            # Masked before the cut (see `error_message`).
+            snippet = redact_known(raw.decode("utf-8", "replace"))[:200]
             raise ProtocolError(f"{url}: response is not valid JSON: {snippet!r}") from exc
     try:
         return parse(data)
@@ -675,7 +682,13 @@ def _decode(url: str, raw: bytes, parse: Callable[[Any], T], as_text: bool) -> T
     except ClientError:
         raise
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
-        raise ProtocolError(f"{url}: unexpected response shape ({exc!r})") from exc
+        text = repr(exc)
+        if redact_known(text) == text:
+            raise ProtocolError(f"{url}: unexpected response shape ({text})") from exc
+        # The cause quotes an API key from the answer: raise the (masked) error outside this
+        # handler, so no traceback can show the cause or context.
+        shape_error = ProtocolError(f"{url}: unexpected response shape ({text})")
+    raise shape_error
 
 
 def _describe(exc: BaseException) -> str:

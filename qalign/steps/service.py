@@ -43,7 +43,7 @@ from qalign.sampling.step import (
 from qalign.steps.outcome import Outcome, Result
 from qalign.steps.spec import RunSpec
 from qalign.storage import repo
-from qalign.storage.errors import TRANSIENT_DB_ERRORS, StorageError
+from qalign.storage.errors import TRANSIENT_DB_ERRORS, ChainNotFoundError, StorageError
 from qalign.storage.models import ChainStatus
 
 log = logging.getLogger(__name__)
@@ -252,13 +252,13 @@ class StepService:
         """Take step `step` of chain `chain_id` if it is the chain's next step; see module doc.
 
         Raises:
+            ChainNotFoundError: there is no chain `chain_id`.
             DatabaseFailure: the database cannot be used (read-only, full, corrupt, ...).
         """
         try:
             loaded = await self.db(self._load, chain_id)
-        except LookupError as exc:
-            log.warning("chain %s step %s: dropped: %s", chain_id, step, exc)
-            return Outcome(chain_id, step, Result.SKIPPED, error=str(exc))
+        except ChainNotFoundError:
+            raise  # a hint about no chain of this database: the runner's business, not a step's
         except Exception as exc:
             if _database_error(exc):
                 return self._database_trouble(chain_id, step, exc)

@@ -73,7 +73,12 @@ class SchemaNotAtHeadError(StorageError):
         self.head = head
 
 
+class ChainNotFoundError(StorageError, LookupError):
+    """No chain of that id (e.g. a step message meant for another database)."""
+
+
 __all__ = [
+    "ChainNotFoundError",
     "DatabaseConnectionError",
     "DatabaseUnreachableError",
     "InvalidDatabaseURLError",

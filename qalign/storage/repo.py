@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from qalign.core import Finish, State
 from qalign.storage import hotpath
+from qalign.storage.errors import ChainNotFoundError
 from qalign.storage.models import (
     Chain,
     ChainStatus,
@@ -206,7 +207,7 @@ def read_chain(sessions: Sessions, chain_id: int) -> ChainRow:
     """One primary-key read of the chain; `LookupError` when there is no such chain."""
     row = hotpath.read_chain(_engine(sessions), chain_id)
     if row is None:
-        raise LookupError(f"chain {chain_id} does not exist")
+        raise ChainNotFoundError(f"chain {chain_id} does not exist")
     (run_id, prompt_id, rng_key, seed, target, current, status, attempts,
      tokens, logprobs, reward, finish, text, updated_at) = row  # fmt: skip
     state = None

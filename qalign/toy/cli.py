@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from pathlib import Path
 
 import click
 
@@ -108,9 +109,22 @@ async def _serve_forever(options: ToyServerOptions) -> None:
     help="Report logprobs of the temperature-scaled (processed) or temperature-1 (raw) LM.",
 )
 @click.option("--max-logprobs", default=20, show_default=True, type=click.IntRange(min=0))
+@click.option(
+    "--echo-auth",
+    is_flag=True,
+    help="Quote the request's Authorization header in every error answer (tests of masking).",
+)
+@click.option(
+    "--api-key-file",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Require `Authorization: Bearer <key>`, the key being this file's stripped content.",
+)
 def toy_server_command(**kwargs: object) -> None:
     """Serve the toy LM + reward over the vLLM and SGLang HTTP protocols."""
     kwargs["served_model_names"] = tuple(kwargs["served_model_names"] or ("toy",))  # type: ignore[arg-type]
+    key_file = kwargs.pop("api_key_file")
+    if key_file is not None:  # a file, not a flag: a flag's value is visible to `ps`
+        kwargs["api_key"] = Path(str(key_file)).read_text(encoding="utf-8").strip() or None
     try:
         options = ToyServerOptions(**kwargs)  # type: ignore[arg-type]
     except ValueError as exc:

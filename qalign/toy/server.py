@@ -15,8 +15,13 @@ Toy extras
     ``GET /metrics``: JSON counters (requests by endpoint, faults, generated tokens...).
     ``GET /admin/faults``, ``POST /admin/faults``: read or change the fault injection switches
     while the server runs (JSON with any of ``error_rate``, ``hang_rate``, ``hang_seconds``,
-    ``malformed_rate``, ``nan_rate``, ``seeded_errors``, ``seeded_error_every``); for chaos
-    tests and for runs that must meet the same faults in any order.
+    ``malformed_rate``, ``nan_rate``, ``echo_auth``, ``seeded_errors``,
+    ``seeded_error_every``); for chaos and secret-masking tests, and for runs that must meet
+    the same faults in any order.
+API key
+    With ``api_key`` set, every endpoint but ``/health``, ``/metrics`` and ``/admin/faults``
+    answers 401 ``{"error": "Unauthorized"}`` unless the request carries
+    ``Authorization: Bearer <api_key>`` (vLLM's ``--api-key``).
 
 Behaviour that matters for exactness, imitated from the real servers:
 
@@ -45,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import hmac
 import json
 import math
 import random
@@ -107,7 +113,9 @@ class FaultSettings:
 
     A request is answered 503 (`error_rate`) or first sleeps `hang_seconds` (`hang_rate`); a
     request that gets through has its 200 body cut short (`malformed_rate`: invalid JSON) or, on
-    the scoring endpoints, every score replaced by NaN (`nan_rate`).
+    the scoring endpoints, every score replaced by NaN (`nan_rate`). `echo_auth` (any endpoint)
+    makes every error answer quote the request's `Authorization` header, as some servers and
+    proxies do: the clients must mask it (see `qalign.clients.redact`).
 
     `seeded_errors` > 0 makes faults a function of the request instead of a random draw: a
     generation whose `seed` is a multiple of `seeded_error_every` is answered 503 the first
@@ -120,6 +128,7 @@ class FaultSettings:
     hang_seconds: float = 3600.0
     malformed_rate: float = 0.0
     nan_rate: float = 0.0
+    echo_auth: bool = False
     seeded_errors: int = 0
     seeded_error_every: int = 1
 
@@ -127,6 +136,10 @@ class FaultSettings:
         """Raise ValueError naming the first invalid setting."""
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "echo_auth":
+                if not isinstance(value, bool):
+                    raise ValueError(f"echo_auth must be true or false, got {value!r}")
+                continue
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"{f.name} must be a number, got {value!r}")
             if not math.isfinite(value):
@@ -178,7 +191,10 @@ class ToyServerOptions:
     hang_seconds: float = 3600.0
     malformed_rate: float = 0.0  # fraction whose 200 body is cut short (invalid JSON)
     nan_rate: float = 0.0  # fraction of scoring requests whose scores are all NaN
+    echo_auth: bool = False  # error answers quote the request's Authorization header
     fault_seed: int | None = None
+    # like vLLM's --api-key: requests without `Authorization: Bearer <api_key>` get 401
+    api_key: str | None = field(default=None, repr=False)
     # emulation of older servers
     legacy_token_ids: bool = False  # pre-0.10.2 vLLM: return_token_ids ignored
     ignore_use_activation: bool = False  # old vLLM: /classify always applies the sigmoid
@@ -220,6 +236,7 @@ class ToyServerOptions:
             hang_seconds=self.hang_seconds,
             malformed_rate=self.malformed_rate,
             nan_rate=self.nan_rate,
+            echo_auth=self.echo_auth,
         )
 
 
@@ -468,7 +485,7 @@ class _Stats:
     def reset(self) -> None:
         self.requests = dict.fromkeys(ENDPOINTS, 0)
         self.faults = dict.fromkeys(FAULT_KINDS, 0)
-        self.status = {"400": 0, "404": 0, "503": 0}
+        self.status = {"400": 0, "401": 0, "404": 0, "503": 0}
         self.generated_tokens = 0
         self.sequences = 0
         self.scored_inputs = 0
@@ -668,6 +685,7 @@ _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 _FAULTY_ENDPOINTS = frozenset((*GENERATE_ENDPOINTS, *SCORE_ENDPOINTS))
+_OPEN_ENDPOINTS = frozenset(("/health", "/metrics", "/admin/faults"))  # no API key needed
 
 
 def _malformed(resp: web.Response) -> web.Response:
@@ -679,10 +697,15 @@ def _malformed(resp: web.Response) -> web.Response:
 def _handler(state: _ToyState, endpoint: str, fn: _Handler, *, sglang: bool = False) -> _Handler:
     stats = state.stats
     faulty = endpoint in _FAULTY_ENDPOINTS
+    key = state.options.api_key
+    expected = None if key is None or endpoint in _OPEN_ENDPOINTS else f"Bearer {key}".encode()
 
     async def handle(request: web.Request) -> web.StreamResponse:
         stats.requests[endpoint] += 1
+        auth = request.headers.get("Authorization")
         try:
+            if expected is not None and not hmac.compare_digest((auth or "").encode(), expected):
+                raise _RequestError(401, "Unauthorized")
             resp = await fn(request)
             if (
                 faulty
@@ -693,8 +716,12 @@ def _handler(state: _ToyState, endpoint: str, fn: _Handler, *, sglang: bool = Fa
                 return _malformed(resp)
             return resp
         except _RequestError as err:
-            key = str(err.status)
-            stats.status[key] = stats.status.get(key, 0) + 1
+            code = str(err.status)
+            stats.status[code] = stats.status.get(code, 0) + 1
+            if state.faults.echo_auth:
+                err.message += f" (request Authorization: {auth or '(none)'})"
+            if err.status == 401:  # vLLM's --api-key answer
+                return web.json_response({"error": err.message}, status=401)
             return _sglang_error(err) if sglang or err.sglang else _vllm_error(err)
 
     return handle

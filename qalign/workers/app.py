@@ -23,6 +23,8 @@ from qalign.sampling.loop import run_sync
 from qalign.steps.drive import drive, follow
 from qalign.steps.policy import DEFERRED_S, Action, Budget, Next
 from qalign.steps.service import DatabaseFailure, StepService
+from qalign.storage.errors import ChainNotFoundError
+from qalign.workers.messages import InvalidStepArgsError, drop_line, parse_step_args
 from qalign.workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,7 @@ class WorkerRuntime:
         if service is not None:
             run_sync(service.close())
 
-    def take(self, chain_id: int, step: int) -> tuple[str, Next]:
+    def take(self, chain_id: int, step: int, message_id: str) -> tuple[str, Next]:
         """Drive a chain from `step` within the task budget; what follows goes to the broker."""
         try:
             out, nxt = run_sync(
@@ -73,6 +75,9 @@ class WorkerRuntime:
                     stopping=self.shutting_down.is_set,
                 )
             )
+        except ChainNotFoundError as exc:  # a message from elsewhere, or a deleted sweep
+            log.error("%s", drop_line(message_id, STEP_TASK, str(exc)))
+            return "invalid", Next(Action.STOP)
         except DatabaseFailure as exc:
             # Not this chain's fault, and nothing was half written: give the step back.
             log.error("chain %s step %s: %s; handing the step back", chain_id, step, exc)
@@ -90,12 +95,16 @@ def worker_app(settings: WorkerSettings) -> tuple[Celery, WorkerRuntime]:
     runtime = WorkerRuntime(settings)
     dispatcher = CeleryDispatcher(app)
 
-    @app.task(name=STEP_TASK, ignore_result=True)
-    def step_task(chain_id: Any, step: Any) -> str:
+    @app.task(name=STEP_TASK, bind=True, ignore_result=True)
+    def step_task(task: Any, *args: Any, **kwargs: Any) -> str:
         """Take step `step` of chain `chain_id` and, within the budget, the chain's next ones."""
-        cid, first = int(chain_id), int(step)
-        result, nxt = runtime.take(cid, first)
-        follow(dispatcher, cid, nxt)
+        try:  # a message from elsewhere: one line, acknowledged (not a traceback per delivery)
+            chain_id, step = parse_step_args(args, kwargs)
+        except InvalidStepArgsError as exc:
+            log.error("%s", drop_line(task.request.id, STEP_TASK, str(exc)))
+            return "invalid"
+        result, nxt = runtime.take(chain_id, step, task.request.id)
+        follow(dispatcher, chain_id, nxt)
         return result
 
     def on_shutdown(**_: Any) -> None:
