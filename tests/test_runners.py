@@ -487,6 +487,8 @@ COVERED = {
     "qalign run --concurrency": "test_runners.py::test_run_flags_take_effect",
     "qalign run --retry-failed": "test_runners.py::test_retry_failed_takes_effect",
     "qalign run --no-check": "test_runners.py::test_run_flags_take_effect",
+    "qalign sweep create --no-check": "test_runners.py::"
+    + "test_a_key_file_of_two_lines_is_a_recorded_failure",
     "qalign run --quiet": "test_runners.py::test_run_flags_take_effect",
     "qalign run --lockstep": "test_sweeps_local.py::test_lockstep_mode_gives_the_same_chains",
     "qalign sweep resume --retry-failed": "test_runners.py::test_retry_failed_takes_effect",
@@ -699,3 +701,83 @@ def test_worker_flags_take_effect(
     leftover = redis_lib.Redis.from_url(broker.url)
     assert leftover.llen(broker.queue + "-other") == 6  # never consumed by this worker
     leftover.delete(broker.queue + "-other")
+
+
+# ---- a step's trouble stays that chain's ---------------------------------------------------
+
+MAYBE = 12  # the toy's token id of "maybe"
+
+
+def _huge_scores_for_maybe(upstream: str) -> Any:
+    """A reward proxy answering an integer too large for a float for every conversation that
+    contains "maybe", and the true score otherwise."""
+    import aiohttp
+    from aiohttp import web
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(request.method, upstream + request.path_qs, data=body,
+                            headers={"Content-Type": "application/json"}) as resp,
+        ):  # fmt: skip
+            raw, status = await resp.read(), resp.status
+        if request.path == "/classify" and status == 200:
+            inputs = json.loads(body).get("input") or []
+            answer = json.loads(raw)
+            for item, ids in zip(answer["data"], inputs, strict=True):
+                if MAYBE in ids:
+                    item["probs"] = [10**400]
+            raw = json.dumps(answer).encode()
+        return web.Response(body=raw, status=status, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+def test_a_bad_answer_fails_only_the_chain_that_got_it(runner: Any, servers: Any) -> None:
+    """An integer reward too large for a float (a server bug) is recorded against the chain
+    whose response was scored, and only that chain: the others finish, and `qalign run` ends
+    with one clean line, not a traceback."""
+    g, r = servers
+    with serve_in_background(_huge_scores_for_maybe(r.url)) as rm:
+        name = unique(runner, "huge")
+        cfg = sweep_config(name, g.url, rm, prompts=2, beta=1.0, steps=3, chains=6)
+        cfg["reward"]["max_retries"] = 1
+        cfg["execution"] = {"max_attempts": 1}
+        out = runner.run(cfg)
+    assert "Traceback" not in out.stderr + out.stdout
+    got = chains(runner, name)
+    failed = [c for c in got if c.status == "failed"]
+    assert failed and len(failed) < len(got), [c.status for c in got]
+    assert all(c.status == "done" for c in got if c not in failed)
+    rows = errors(runner, name)
+    assert len(rows) == len(failed)  # one failed attempt per failed chain, none elsewhere
+    assert {kind for *_, kind, _ in rows} == {"ProtocolError"}
+    assert all("too large for a float" in e[4] for e in rows)
+    for c in got:  # every committed state of a finished chain came without a huge score
+        if c.status == "done":
+            assert c.state_reward is not None and math.isfinite(c.state_reward)
+    if runner.name == "local":
+        assert out.returncode == 1 and "chain(s) failed" in out.stderr
+
+
+def test_a_key_file_of_two_lines_is_a_recorded_failure(
+    runner: Any, servers: Any, tmp_path: Path
+) -> None:
+    """A key file whose key would break the HTTP header is refused by name, as a failed attempt
+    of each step that needs it (not an exception that stops the runner)."""
+    g, r = servers
+    key_file = tmp_path / "two-lines.key"
+    key_file.write_text("first-part\nsecond-part\n")
+    name = unique(runner, "newline-key")
+    cfg = sweep_config(name, g.url, r.url, prompts=1, beta=1.0, steps=1, chains=2)
+    cfg["generator"]["api_key_file"] = str(key_file)
+    cfg["execution"] = {"max_attempts": 1}
+    out = runner.run(cfg, "--no-check")
+    assert "Traceback" not in out.stderr + out.stdout
+    assert {c.status for c in chains(runner, name)} == {"failed"}
+    rows = errors(runner, name)
+    assert len(rows) == 2 and {e[3] for e in rows} == {"CredentialsError"}
+    assert all("whitespace or a control character" in e[4] for e in rows)

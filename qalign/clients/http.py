@@ -727,7 +727,12 @@ def check_vocab(ids: Sequence[int], vocab_size: int | None, what: str) -> None:
 def as_float(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ProtocolError(f"{what} is not a number: {value!r:.200}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # JSON integers are unbounded; a float is not
+        # (bits, not digits: str() of a huge int is itself refused past 4300 digits)
+        bits = int(value).bit_length()
+        raise ProtocolError(f"{what} is an integer of {bits} bits, too large for a float") from None
 
 
 def first_number(value: Any, what: str) -> float:
