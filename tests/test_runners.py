@@ -355,6 +355,29 @@ def test_timeouts_take_effect(runner: Any, servers: Any) -> None:
     assert kind == "StepStalledError" and "stall_timeout=1 s" in message
 
 
+def test_reward_retries_and_timeout_take_effect(runner: Any, servers: Any) -> None:
+    """reward.max_retries (requests per attempt) and reward.timeout (end of one request)."""
+    g, r = servers
+    set_faults(r.url, error_rate=1.0)
+    r.reset_metrics()
+    name = unique(runner, "rm-retries")
+    cfg = sweep_config(name, g.url, r.url, prompts=1, beta=1.0, steps=1, chains=1)
+    cfg["reward"]["max_retries"] = 3
+    cfg["execution"] = {"max_attempts": 2}
+    runner.run(cfg, "--no-check")  # the server check would meet the fault first
+    assert [e[1:4] for e in errors(runner, name)] == [(0, 1, "ServerUnavailableError"),
+                                                     (0, 2, "ServerUnavailableError")]  # fmt: skip
+    assert r.metrics()["requests"]["/classify"] == 2 * 3
+    set_faults(r.url, error_rate=0.0, hang_rate=1.0, hang_seconds=120.0)
+    name = unique(runner, "rm-timeout")
+    cfg = sweep_config(name, g.url, r.url, prompts=1, beta=1.0, steps=1, chains=1)
+    cfg["reward"].update(timeout=0.5, max_retries=1)
+    cfg["execution"] = {"max_attempts": 1}
+    runner.run(cfg, "--no-check")
+    ((_, _, _, kind, message),) = errors(runner, name)
+    assert kind == "ServerUnavailableError" and message.endswith("last cause: TimeoutError")
+
+
 def test_concurrency_takes_effect(runner: Any) -> None:
     """execution.concurrency caps the sweep's steps at the servers, per process."""
     slow = ToyServerOptions(served_model_names=("toy-lm",), port=0, latency_base=0.2)
@@ -459,6 +482,8 @@ COVERED = {
     "reward.urls": "test_runners.py::test_sampling_keys_take_effect",
     "reward.model": "test_runners.py::test_sampling_keys_take_effect",
     "reward.batch_size": "test_runners.py::test_reward_batch_size_takes_effect_when_scoring",
+    "reward.timeout": "test_runners.py::test_reward_retries_and_timeout_take_effect",
+    "reward.max_retries": "test_runners.py::test_reward_retries_and_timeout_take_effect",
     "reward.api_key_env": SECURITY,
     "reward.api_key_file": "test_runners.py::test_api_keys_take_effect",
     "dataset.task": "test_tasks_load.py",

@@ -72,6 +72,9 @@ class InProcessDispatcher:
         finally:
             if self._error is not None or self.pending:
                 self.cancel()
+                # Let the cancelled handlers unwind before the caller closes what they use
+                # (clients, database), so none of them fails on a closed resource.
+                await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._error is not None:
             raise self._error
 

@@ -1,0 +1,256 @@
+"""The step service's parts on their own: the after-step policy, the driver loop, the in-process
+dispatcher, the run spec, and containment of an unexpected error to the chain that met it."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from qalign.config import parse_config
+from qalign.dispatch.inprocess import InProcessDispatcher
+from qalign.scheduler.local import run_locally
+from qalign.scheduler.sweeps import create_sweep
+from qalign.steps.drive import drive, follow
+from qalign.steps.outcome import Outcome, Result
+from qalign.steps.policy import (
+    DEFERRED_S,
+    RETRY_CAP_S,
+    UNLIMITED,
+    Action,
+    Budget,
+    Next,
+    after_step,
+    retry_delay,
+)
+from qalign.steps.service import StepService
+from qalign.steps.spec import RunSpec
+from qalign.storage.engine import make_engine, make_sessionmaker
+from qalign.storage.migrate import upgrade
+from qalign.storage.models import Chain, ChainStatus, StepError
+from tests.sweeps_support import sweep_config
+
+# ---- after_step: one policy for every runner --------------------------------------------------
+
+
+def committed(step: int, last: int = 10) -> Outcome:
+    done = step >= last
+    return Outcome(
+        1,
+        step,
+        Result.COMMITTED,
+        next_step=None if done else step + 1,
+        chain_status=ChainStatus.DONE.value if done else ChainStatus.RUNNING.value,
+    )
+
+
+def test_a_committed_step_continues_until_the_last() -> None:
+    assert after_step(committed(3)) == Next(Action.CONTINUE, 4)
+    assert after_step(committed(10)) == Next(Action.STOP)
+
+
+def test_a_spent_budget_or_a_shutdown_hands_the_chain_on() -> None:
+    assert after_step(committed(3), taken=4, budget=Budget(steps=4)) == Next(Action.HAND_ON, 4)
+    assert after_step(committed(3), taken=3, budget=Budget(steps=4)).action is Action.CONTINUE
+    assert after_step(committed(3), elapsed=5.0, budget=Budget(seconds=5.0)).action is (
+        Action.HAND_ON
+    )
+    assert after_step(committed(3), stopping=True) == Next(Action.HAND_ON, 4)
+    # Nothing to hand on once the chain is done, whatever the budget.
+    assert after_step(committed(10), stopping=True) == Next(Action.STOP)
+
+
+def test_failed_attempts_retry_with_backoff_until_the_chain_fails() -> None:
+    rng = random.Random(0)
+    pending = Outcome(1, 4, Result.FAILED, chain_status="pending", attempts=3, error="boom")
+    nxt = after_step(pending, rng=rng)
+    assert nxt.action is Action.RETRY and nxt.step == 4
+    assert 2.0 <= nxt.delay <= 4.0  # third attempt: 4 s x U(0.5, 1)
+    failed = Outcome(1, 4, Result.FAILED, chain_status="failed", attempts=5, error="boom")
+    assert after_step(failed) == Next(Action.STOP)
+
+
+def test_an_unavailable_database_defers_the_step() -> None:
+    nxt = after_step(Outcome(1, 4, Result.DEFERRED), rng=random.Random(1))
+    assert nxt.action is Action.RETRY and nxt.step == 4
+    assert DEFERRED_S[0] <= nxt.delay <= DEFERRED_S[1]
+
+
+@pytest.mark.parametrize("result", [Result.DUPLICATE, Result.SKIPPED])
+def test_duplicates_and_skips_stop(result: Result) -> None:
+    assert after_step(Outcome(1, 4, result)) == Next(Action.STOP)
+
+
+def test_retry_delay_doubles_and_is_capped() -> None:
+    rng = random.Random(2)
+    for attempts in range(1, 12):
+        d = retry_delay(attempts, rng)
+        full = min(RETRY_CAP_S, 2.0 ** (attempts - 1))
+        assert full / 2 <= d <= full
+
+
+def test_budget() -> None:
+    assert not UNLIMITED.spent(10**6, 1e9)
+    assert Budget(steps=2).spent(2, 0.0) and not Budget(steps=2).spent(1, 0.0)
+    assert Budget(seconds=1.0).spent(1, 1.0) and not Budget(seconds=1.0).spent(1, 0.5)
+
+
+# ---- drive + follow ---------------------------------------------------------------------------
+
+
+@dataclass
+class ScriptedService:
+    """Answers `take` from a script of outcomes, recording the calls."""
+
+    script: list[Outcome]
+    calls: list[tuple[int, int]] = field(default_factory=list)
+
+    async def take(self, chain_id: int, step: int) -> Outcome:
+        self.calls.append((chain_id, step))
+        return self.script.pop(0)
+
+
+@dataclass
+class RecordingDispatcher:
+    hints: list[tuple[int, int, float | None]] = field(default_factory=list)
+
+    def enqueue(self, chain_id: int, step: int, countdown: float | None = None) -> None:
+        self.hints.append((chain_id, step, countdown))
+
+    def enqueue_many(self, items: Any) -> int:
+        items = list(items)
+        self.hints.extend((c, s, None) for c, s in items)
+        return len(items)
+
+
+async def test_drive_takes_steps_until_the_policy_stops_and_follow_hands_on() -> None:
+    svc = ScriptedService([committed(1), committed(2), committed(3)])
+    seen: list[Outcome] = []
+    out, nxt = await drive(svc, 1, 1, budget=Budget(steps=3), on_outcome=seen.append)  # type: ignore[arg-type]
+    assert svc.calls == [(1, 1), (1, 2), (1, 3)]
+    assert [o.step for o in seen] == [1, 2, 3] and out.step == 3
+    assert nxt == Next(Action.HAND_ON, 4)
+    d = RecordingDispatcher()
+    follow(d, 1, nxt)
+    assert d.hints == [(1, 4, None)]
+
+
+async def test_drive_hands_a_failed_attempt_to_the_dispatcher_with_its_delay() -> None:
+    failed = Outcome(7, 2, Result.FAILED, chain_status="pending", attempts=1, error="503")
+    svc = ScriptedService([committed(1), failed])
+    _, nxt = await drive(svc, 7, 1)  # type: ignore[arg-type]
+    assert nxt.action is Action.RETRY and 0.5 <= nxt.delay <= 1.0
+    d = RecordingDispatcher()
+    follow(d, 7, nxt)
+    assert d.hints == [(7, 2, nxt.delay)]
+    follow(d, 7, Next(Action.STOP))
+    assert len(d.hints) == 1
+
+
+# ---- the in-process dispatcher ----------------------------------------------------------------
+
+
+async def test_in_process_dispatcher_runs_hints_including_those_enqueued_meanwhile() -> None:
+    done: list[tuple[int, int]] = []
+
+    async def handler(chain_id: int, step: int) -> None:
+        done.append((chain_id, step))
+        if step < 3:
+            disp.enqueue(chain_id, step + 1, countdown=0.01 if chain_id == 2 else None)
+
+    disp = InProcessDispatcher(handler)
+    assert disp.enqueue_many([(1, 1), (2, 1)]) == 2
+    await disp.join()
+    assert sorted(done) == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]
+    assert disp.pending == 0
+
+
+async def test_in_process_dispatcher_stops_on_a_handler_error_and_cancels_the_rest() -> None:
+    release = asyncio.Event()
+    cancelled: list[int] = []
+
+    async def handler(chain_id: int, step: int) -> None:
+        if chain_id == 1:
+            raise RuntimeError("database is read-only")
+        try:
+            await release.wait()
+        except asyncio.CancelledError:
+            cancelled.append(chain_id)
+            raise
+
+    disp = InProcessDispatcher(handler)
+    disp.enqueue(2, 1)
+    disp.enqueue(3, 1, countdown=3600)
+    disp.enqueue(1, 1)
+    with pytest.raises(RuntimeError, match="read-only"):
+        await disp.join()
+    await asyncio.sleep(0)  # let the cancelled handler see its cancellation
+    assert cancelled == [2]
+    assert disp.pending == 0
+
+
+# ---- the run spec -----------------------------------------------------------------------------
+
+
+def test_run_spec_round_trips_through_the_stored_config(tmp_path: Any) -> None:
+    raw = sweep_config("spec", "http://127.0.0.1:9", "http://127.0.0.1:9", beta=[0.5, 2.0])
+    raw["execution"] = {"concurrency": 3, "max_attempts": 2, "stall_timeout": 42}
+    cfg = parse_config(raw)
+    specs = cfg.runs()
+    assert len(specs) == 2
+    for spec in specs:
+        again = RunSpec.from_config(spec.to_config())
+        assert again == spec
+        assert again.kernel == spec.kernel and again.sampling == spec.sampling
+        assert again.execution.max_attempts == 2 and again.execution.stall_timeout == 42.0
+        with pytest.raises(AttributeError):
+            spec.steps = 1  # type: ignore[misc]
+
+
+# ---- containment ------------------------------------------------------------------------------
+
+
+def test_an_unexpected_error_is_recorded_against_its_chain_only(
+    sqlite_url: str, toy: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = sweep_config("contain", *toy, prompts=2, beta=1.0, steps=4, chains=2)
+    raw["execution"] = {"max_attempts": 2}
+    engine = make_engine(sqlite_url)
+    try:
+        upgrade(engine)
+        sessions = make_sessionmaker(engine)
+        sweep_id, _ = create_sweep(sessions, parse_config(raw))
+        with sessions() as s:
+            victim = s.scalars(select(Chain.id).order_by(Chain.id)).first()
+        real = StepService._sample
+
+        async def sample(self: StepService, loaded: Any, step: int) -> Any:
+            if loaded.chain.chain_id == victim and step == 2:
+                raise ZeroDivisionError("float division by zero")
+            return await real(self, loaded, step)
+
+        monkeypatch.setattr(StepService, "_sample", sample)
+        monkeypatch.setattr("qalign.steps.policy.RETRY_BASE_S", 0.01)
+
+        async def go() -> Any:
+            service = StepService(sessions)
+            try:
+                return await run_locally(service, sweep_id, progress=False)
+            finally:
+                await service.close()
+
+        asyncio.run(go())
+        with sessions() as s:
+            chains = {c.id: c for c in s.scalars(select(Chain))}
+            errors = s.execute(select(StepError.chain_id, StepError.step, StepError.error)).all()
+        assert chains[victim].status == "failed"
+        assert all(c.status == "done" for cid, c in chains.items() if cid != victim)
+        assert len(errors) == 2 and {(e.chain_id, e.step) for e in errors} == {(victim, 2)}
+        assert all("ZeroDivisionError" in e.error for e in errors)
+        assert all("test_step_service.py" in e.error for e in errors)  # where it was raised
+    finally:
+        engine.dispose()
