@@ -79,6 +79,7 @@ from tests.sweeps_support import (  # noqa: E402
 )
 
 KINDS = ("kill", "redis", "postgres", "gen503", "hang", "malformed", "nan")
+WINDOW_CAP = 60.0  # seconds a fault window may outlast its length while waiting for a request
 
 
 @dataclass(frozen=True)
@@ -349,6 +350,14 @@ class PrivateRedis:
             self.proc.wait(10)
 
 
+def injected(url: str) -> dict[str, int]:
+    """How many faults of each kind the toy server at `url` has served so far."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url + "/admin/faults", timeout=10) as resp:
+        out: dict[str, int] = json.loads(resp.read())["injected"]
+        return out
+
+
 def set_faults(url: str, **changes: float) -> dict[str, Any]:
     req = urllib.request.Request(
         url + "/admin/faults",
@@ -457,7 +466,8 @@ def run(plan: Plan, log: Any = print) -> Report:
         todo = [k for k in KINDS for _ in range(getattr(plan, k))]
         rng.shuffle(todo)
         marks = sorted(rng.uniform(0.04, 0.8) * report.steps_expected for _ in todo)
-        windows: list[tuple[float, str, dict[str, float]]] = []  # (ends at, url, reset)
+        # (ends at, url, reset, fault counter, its value when the window opened)
+        windows: list[tuple[float, str, dict[str, float], str, int]] = []
         last_event = 0.0
         committed = 0
         done = 0
@@ -466,10 +476,17 @@ def run(plan: Plan, log: Any = print) -> Report:
             while time.monotonic() - start < plan.deadline:
                 time.sleep(0.25)
                 now = time.monotonic()
-                for end, url, reset in list(windows):
-                    if now >= end:
+                for window in list(windows):
+                    end, url, reset, key, before = window
+                    # A window closes only once the server has served at least one fault of its
+                    # kind: on a loaded machine a few seconds can pass with no request at all
+                    # (workers restarting, every request of the moment hung), and a window that
+                    # injected nothing proves nothing. The cap keeps a dead path from stalling.
+                    if now >= end and (
+                        injected(url).get(key, 0) > before or now >= end + WINDOW_CAP
+                    ):
                         set_faults(url, **reset)
-                        windows.remove((end, url, reset))
+                        windows.remove(window)
                 for w in list(alive):
                     if w.proc.poll() is not None:  # exited although nobody killed it
                         alive.remove(w)
@@ -503,7 +520,9 @@ def run(plan: Plan, log: Any = print) -> Report:
                     report.injected[kind] += 1
                     msg = _inject(kind, rng, plan, alive, dead, spawn, rd, pg, gen.url, rm.url)
                     if msg.get("window"):
-                        windows.append((now + plan.window, msg["url"], msg["reset"]))
+                        windows.append(
+                            (now + plan.window, msg["url"], msg["reset"], msg["key"], msg["before"])
+                        )
                     line = f"{now - start:6.1f}s {committed:>5} steps: {kind} {msg.get('what', '')}"
                     report.events.append(line)
                     log(line)
@@ -592,17 +611,41 @@ def _inject(
         pg.start()
         return {"what": f"{mode}, down 1 s"}
     if kind == "gen503":
-        set_faults(gen_url, error_rate=1.0)
-        return {"window": True, "url": gen_url, "reset": {"error_rate": 0.0}}
+        before = set_faults(gen_url, error_rate=1.0)["injected"].get("error", 0)
+        return {
+            "window": True,
+            "url": gen_url,
+            "key": "error",
+            "before": before,
+            "reset": {"error_rate": 0.0},
+        }
     if kind == "hang":
-        set_faults(gen_url, hang_rate=0.3, hang_seconds=8.0)
-        return {"window": True, "url": gen_url, "reset": {"hang_rate": 0.0}}
+        before = set_faults(gen_url, hang_rate=0.3, hang_seconds=8.0)["injected"].get("hang", 0)
+        return {
+            "window": True,
+            "url": gen_url,
+            "key": "hang",
+            "before": before,
+            "reset": {"hang_rate": 0.0},
+        }
     if kind == "malformed":
-        set_faults(rm_url, malformed_rate=0.5)
-        return {"window": True, "url": rm_url, "reset": {"malformed_rate": 0.0}}
+        before = set_faults(rm_url, malformed_rate=0.5)["injected"].get("malformed", 0)
+        return {
+            "window": True,
+            "url": rm_url,
+            "key": "malformed",
+            "before": before,
+            "reset": {"malformed_rate": 0.0},
+        }
     if kind == "nan":
-        set_faults(rm_url, nan_rate=plan.nan_rate)
-        return {"window": True, "url": rm_url, "reset": {"nan_rate": 0.0}}
+        before = set_faults(rm_url, nan_rate=plan.nan_rate)["injected"].get("nan", 0)
+        return {
+            "window": True,
+            "url": rm_url,
+            "key": "nan",
+            "before": before,
+            "reset": {"nan_rate": 0.0},
+        }
     raise ValueError(f"unknown fault kind {kind!r}")
 
 
