@@ -175,7 +175,7 @@ class Report:
             ("Redis killed and restarted (queue and unacked lost)", f"{self.injected['redis']}"),
             ("PostgreSQL restarted (immediate / fast shutdown)", f"{self.injected['postgres']}"),
             (
-                f"generator 503 windows ({p.window:.0f} s each)",
+                f"generator 503 windows (≥ {p.window:.0f} s, until one is served)",
                 f"{self.injected['gen503']} ({gen.get('error', 0)} requests answered 503)",
             ),
             (
