@@ -45,6 +45,13 @@ WILD_REWARDS = [-INF, INF, NAN, HUGE, HUGE, -HUGE, HUGE, 2.0, None, TINY]
 WILD_FINITE = [r for r in WILD_REWARDS if r is not None and math.isfinite(r)]
 # Their sum overflows float64; the mean does not.
 WILD_MEAN = sum(r / len(WILD_FINITE) for r in WILD_FINITE)
+# Run "huge": finite values only, so nothing but their size can break an average (PostgreSQL's
+# AVG raises "value out of range: overflow" on them).
+HUGE_REWARDS = [HUGE, HUGE, TINY, HUGE, -TINY, HUGE, 1.0, HUGE, HUGE, 0.0]
+HUGE_MEAN = sum(r / len(HUGE_REWARDS) for r in HUGE_REWARDS)
+# Run "unscored": non-finite rewards only (-inf chain states, NaN proposals): its mean is null.
+REWARDS = {"wild": WILD_REWARDS, "huge": HUGE_REWARDS}
+STEPS = len(WILD_REWARDS)
 
 
 def _reject_constant(name: str) -> Any:
@@ -84,13 +91,13 @@ def _store(engine: Engine) -> None:
                 reward_model="rm",
                 config={},
             )
-            for i, name in enumerate(["wild", "unscored"])
+            for i, name in enumerate(["wild", "unscored", "huge"])
         ]
         s.add_all([prompt, *runs])
         s.flush()
         chains = []
         for run in runs:
-            for i, reward in enumerate(WILD_REWARDS):
+            for i in range(STEPS):
                 chains.append(
                     Chain(
                         run_id=run.id,
@@ -102,15 +109,15 @@ def _store(engine: Engine) -> None:
                         current_step=len(WILD_REWARDS) - 1,
                         status="done",
                         state_tokens=[1, 2],
-                        # "unscored" has only non-finite rewards: its mean is null, not NaN.
-                        state_reward=reward if run.name == "wild" else -INF,
+                        state_reward=REWARDS.get(run.name, [-INF] * STEPS)[i],
                     )
                 )
         s.add_all(chains)
         s.flush()
+        names = {run.id: run.name for run in runs}
         rows: list[dict[str, Any]] = []
         for chain in chains:
-            for step, reward in enumerate(WILD_REWARDS):
+            for step in range(STEPS):
                 rows.append(
                     {
                         "chain_id": chain.id,
@@ -120,7 +127,7 @@ def _store(engine: Engine) -> None:
                         "new_tokens": [step],
                         "response_len": 1,
                         "text": "x",
-                        "reward": reward if chain.run_id == runs[0].id else NAN,
+                        "reward": REWARDS.get(names[chain.run_id], [NAN] * STEPS)[step],
                         # Exports go chain by chain: the first chains' rows (the first
                         # batches) hold only nulls in these columns, later ones every kind of value.
                         "log_a": None
@@ -163,8 +170,8 @@ def test_jsonl_export_is_strict_json_with_null_for_non_finite(
     _export(db_url, tmp_path, "jsonl")
     proposals = [_strict_loads(line) for line in (tmp_path / "proposals.jsonl").open()]
     chains = [_strict_loads(line) for line in (tmp_path / "chains.jsonl").open()]
-    assert len(proposals) == 2 * len(WILD_REWARDS) ** 2 > 10 * small_batches
-    assert len(chains) == 2 * len(WILD_REWARDS)
+    assert len(proposals) == 3 * STEPS**2 > 10 * small_batches
+    assert len(chains) == 3 * STEPS
 
     def numbers(rows: list[dict[str, Any]], column: str) -> list[float | None]:
         values = [row[column] for row in rows]
@@ -184,8 +191,11 @@ def test_jsonl_export_is_strict_json_with_null_for_non_finite(
     assert {w[3] for w in wild} == {None, HUGE, -HUGE}
     assert {p["reward"] for p in proposals if p["run"] == "unscored"} == {None}
 
-    rewards = numbers(sorted(chains, key=lambda c: (c["run"], c["chain_index"])), "state_reward")
-    assert rewards == [None] * len(WILD_REWARDS) + expected_reward  # "unscored" < "wild"
+    by_run = sorted(chains, key=lambda c: (c["run"], c["chain_index"]))
+    rewards = numbers(by_run, "state_reward")
+    # Runs in name order: "huge", "unscored", "wild".
+    assert rewards == HUGE_REWARDS + [None] * STEPS + expected_reward
+    assert {p["reward"] for p in proposals if p["run"] == "huge"} == set(HUGE_REWARDS)
 
 
 def _expected_type(table: str, column: str) -> pa.DataType:
@@ -226,7 +236,7 @@ def test_parquet_export_has_one_schema_from_sql_in_every_batch(
                     assert group.schema.field(column).type == _expected_type(table, column)
 
     proposals = pq.read_table(tmp_path / "proposals.parquet").to_pylist()
-    assert len(proposals) == 2 * len(WILD_REWARDS) ** 2
+    assert len(proposals) == 3 * STEPS**2
     assert any(p["log_a"] is None for p in proposals)
     # ±inf stays ±inf in float64; NaN becomes null; huge values are exact.
     log_a = {p["log_a"] for p in proposals if p["log_a"] is not None}
@@ -252,6 +262,7 @@ def test_status_json_is_strict_with_mean_over_finite_rewards(db_url: str, engine
     assert result.exit_code == 0, result.output
     rows = {r["run"]: r for r in _strict_loads(result.output)}
     assert rows["wild"]["mean_reward"] == pytest.approx(WILD_MEAN)
+    assert rows["huge"]["mean_reward"] == pytest.approx(HUGE_MEAN)
     assert rows["unscored"]["mean_reward"] is None
 
 
@@ -261,6 +272,7 @@ def test_run_summary_mean_reward_over_finite_rewards(engine: Engine) -> None:
     with sessions() as s:
         run_ids = {name: run_id for name, run_id in s.execute(select(Run.name, Run.id))}
     wild = run_summary(sessions, run_ids["wild"])
-    # Every wild chain holds each reward once; 1e308 + 1e308 overflows a plain SUM or AVG.
+    # Every chain holds each reward of its run once; 1e308 + 1e308 overflows a plain SUM.
     assert wild.mean_reward == pytest.approx(WILD_MEAN)
+    assert run_summary(sessions, run_ids["huge"]).mean_reward == pytest.approx(HUGE_MEAN)
     assert run_summary(sessions, run_ids["unscored"]).mean_reward is None
