@@ -128,7 +128,10 @@ def _fmt(x: Any, spec: str = ".3f") -> str:
 def print_status(sessions: Any, sweep_id: int, as_json: bool) -> None:
     rows = _status_rows(sessions, sweep_id)
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        from qalign.storage.export import json_safe
+
+        # Strict JSON: consumers such as jq reject the Infinity/NaN tokens Python would print.
+        click.echo(json.dumps(json_safe(rows), indent=2, allow_nan=False))
         return
     click.echo(
         f"{'run':<44} {'chains':>11} {'steps':>13} {'accept':>7} {'reward':>8} "

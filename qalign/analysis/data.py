@@ -17,7 +17,7 @@ from sqlalchemy import and_, case, distinct, func, select
 
 from qalign.analysis.predict import Sample, Trajectory
 from qalign.storage.models import Answer, Chain, Prompt, Proposal, Run, Sweep
-from qalign.storage.repo import Sessions
+from qalign.storage.repo import Sessions, finite_mean, finite_mean_columns
 
 CHAIN_RUN_METHODS = ("qalign", "quest")
 STREAM_BATCH = 5000
@@ -325,7 +325,7 @@ def run_summary(sessions: Sessions, run_id: int) -> RunSummary:
                 func.count(Proposal.id),
                 func.sum(case((mcmc, 1), else_=0)),
                 func.sum(case((and_(mcmc, Proposal.accepted), 1), else_=0)),
-                func.avg(Proposal.reward),
+                *finite_mean_columns(Proposal.reward),
                 func.count(Proposal.reward),
                 func.sum(Proposal.gen_tokens),
                 func.sum(Proposal.reward_tokens),
@@ -342,14 +342,14 @@ def run_summary(sessions: Sessions, run_id: int) -> RunSummary:
                 Chain.run_id == run_id
             )
         ).one()
-    n, mc, acc, mean_r, scored, gen, rm, correct, answered, with_answer = row
+    n, mc, acc, r_large, r_small, r_n, scored, gen, rm, correct, answered, with_answer = row
     return RunSummary(
         prompts=int(prompts or 0),
         chains=int(chains or 0),
         proposals=int(n or 0),
         mcmc_proposals=int(mc or 0),
         acceptance=(int(acc or 0) / int(mc)) if mc else None,
-        mean_reward=None if mean_r is None else float(mean_r),
+        mean_reward=finite_mean(r_large, r_small, r_n),
         scored=int(scored or 0),
         gen_tokens=int(gen or 0),
         reward_tokens=int(rm or 0),

@@ -1,4 +1,9 @@
-"""Export a sweep's chains and proposals to JSONL and Parquet, streaming in batches."""
+"""Export a sweep's chains and proposals to JSONL and Parquet, streaming in batches.
+
+Every stored value exports (README "Exporting"): Parquet columns take their types from the SQL
+schema, identical in every batch; non-finite floats are null in JSONL (strict JSON), and in
+Parquet ±inf stays ±inf while NaN is null.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, String, select
+from sqlalchemy.types import TypeDecorator
 
 from qalign.storage.models import Chain, Prompt, Proposal, Run
 from qalign.storage.repo import Sessions
@@ -76,22 +82,80 @@ def _chain_fields() -> dict[str, Any]:
     }
 
 
-def _clean(v: Any) -> Any:
-    if isinstance(v, float) and math.isinf(v):
-        return "inf" if v > 0 else "-inf"
+# JSON columns have no single SQL type; the exported ones hold token ids.
+_JSON_COLUMNS: dict[str, Any] = {"new_tokens": "token_ids", "state_tokens": "token_ids"}
+
+
+class ExportSchemaError(TypeError):
+    """An exported column has an SQL type with no Parquet type assigned (a code bug)."""
+
+
+def _arrow_type(name: str, column: Any) -> Any:
+    """The Parquet type of an exported column, from its SQL type (never from the values)."""
+    import pyarrow as pa
+
+    sql_type = column.type
+    if isinstance(sql_type, TypeDecorator):
+        sql_type = sql_type.impl_instance
+    if isinstance(sql_type, Boolean):
+        return pa.bool_()
+    # Every integer is int64: ids and seeds are BIGINT on PostgreSQL and Python ints on SQLite.
+    if isinstance(sql_type, Integer):
+        return pa.int64()
+    if isinstance(sql_type, Float):
+        return pa.float64()
+    if isinstance(sql_type, DateTime):
+        return pa.timestamp("us", tz="UTC")
+    if isinstance(sql_type, String):  # Text is a String
+        return pa.string()
+    if isinstance(sql_type, JSON) and _JSON_COLUMNS.get(name) == "token_ids":
+        return pa.list_(pa.int64())
+    raise ExportSchemaError(
+        f"export column {name!r} has SQL type {sql_type!r} with no Parquet type"
+    )
+
+
+def _arrow_schema(fields: dict[str, Any]) -> Any:
+    import pyarrow as pa
+
+    return pa.schema([pa.field(name, _arrow_type(name, col)) for name, col in fields.items()])
+
+
+def _json_value(v: Any) -> Any:
+    # Strict JSON has no Infinity/NaN tokens; null is the only portable spelling of "no number".
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
     if hasattr(v, "isoformat"):
         return v.isoformat()
     return v
 
 
-def _rows(sessions: Sessions, fields: dict[str, Any], query: Any) -> Iterator[list[dict[str, Any]]]:
-    names = list(fields)
+def _parquet_value(v: Any) -> Any:
+    # float64 holds ±inf exactly; NaN means "no value" in qalign (it is stored as NULL, and
+    # SQLite turns a stray NaN into NULL too), so it becomes null on both backends.
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return v
+
+
+def json_safe(obj: Any) -> Any:
+    """`obj` with every non-finite float (also nested in lists and dicts) replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def _rows(sessions: Sessions, query: Any) -> Iterator[list[tuple[Any, ...]]]:
     with sessions() as s:
         for part in s.execute(query.execution_options(yield_per=BATCH)).partitions(BATCH):
-            yield [dict(zip(names, map(_clean, r), strict=True)) for r in part]
+            yield [tuple(r) for r in part]
 
 
-def _proposal_rows(sessions: Sessions, sweep_id: int) -> Iterator[list[dict[str, Any]]]:
+def _proposal_rows(sessions: Sessions, sweep_id: int) -> Iterator[list[tuple[Any, ...]]]:
     fields = _proposal_fields()
     q = (
         select(*fields.values())
@@ -101,10 +165,10 @@ def _proposal_rows(sessions: Sessions, sweep_id: int) -> Iterator[list[dict[str,
         .where(Run.sweep_id == sweep_id)
         .order_by(Proposal.run_id, Proposal.chain_id, Proposal.step)
     )
-    return _rows(sessions, fields, q)
+    return _rows(sessions, q)
 
 
-def _chain_rows(sessions: Sessions, sweep_id: int) -> Iterator[list[dict[str, Any]]]:
+def _chain_rows(sessions: Sessions, sweep_id: int) -> Iterator[list[tuple[Any, ...]]]:
     fields = _chain_fields()
     q = (
         select(*fields.values())
@@ -113,26 +177,38 @@ def _chain_rows(sessions: Sessions, sweep_id: int) -> Iterator[list[dict[str, An
         .where(Run.sweep_id == sweep_id)
         .order_by(Chain.id)
     )
-    return _rows(sessions, fields, q)
+    return _rows(sessions, q)
 
 
-def _write(batches: Iterator[list[dict[str, Any]]], base: Path, formats: set[str]) -> int:
+def _write(
+    batches: Iterator[list[tuple[Any, ...]]], fields: dict[str, Any], base: Path, formats: set[str]
+) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    names = list(fields)
     n = 0
     jsonl = base.with_suffix(".jsonl").open("w") if "jsonl" in formats else None
     writer = None
     try:
+        if "parquet" in formats:
+            # One schema for every batch: inferring it per batch would make a batch whose
+            # values are all null (or all ints) disagree with the next one.
+            schema = _arrow_schema(fields)
+            writer = pq.ParquetWriter(base.with_suffix(".parquet"), schema)
         for batch in batches:
             n += len(batch)
             if jsonl is not None:
-                jsonl.writelines(json.dumps(row) + "\n" for row in batch)
-            if "parquet" in formats:
-                table = pa.Table.from_pylist(batch)
-                if writer is None:
-                    writer = pq.ParquetWriter(base.with_suffix(".parquet"), table.schema)
-                writer.write_table(table.cast(writer.schema))
+                for row in batch:
+                    record = dict(zip(names, map(_json_value, row), strict=True))
+                    jsonl.write(json.dumps(record, allow_nan=False) + "\n")
+            if writer is not None:
+                columns = zip(*batch, strict=True)
+                arrays = [
+                    pa.array([_parquet_value(v) for v in col], type=f.type)
+                    for col, f in zip(columns, writer.schema, strict=True)
+                ]
+                writer.write_table(pa.Table.from_arrays(arrays, schema=writer.schema))
     finally:
         if jsonl is not None:
             jsonl.close()
@@ -147,6 +223,10 @@ def export_sweep(
     """Write `chains.*` and `proposals.*` under `out_dir`; returns row counts."""
     out_dir.mkdir(parents=True, exist_ok=True)
     return {
-        "chains": _write(_chain_rows(sessions, sweep_id), out_dir / "chains", formats),
-        "proposals": _write(_proposal_rows(sessions, sweep_id), out_dir / "proposals", formats),
+        "chains": _write(
+            _chain_rows(sessions, sweep_id), _chain_fields(), out_dir / "chains", formats
+        ),
+        "proposals": _write(
+            _proposal_rows(sessions, sweep_id), _proposal_fields(), out_dir / "proposals", formats
+        ),
     }

@@ -11,11 +11,12 @@ import datetime as dt
 import functools
 import math
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import Engine, case, func, insert, select, update
+from sqlalchemy import ColumnElement, Engine, and_, case, func, insert, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -59,6 +60,36 @@ def _rowcount(s: Session, stmt: Any) -> int:
 
 def _finite_or_none(x: float | None) -> float | None:
     return None if x is None or math.isnan(x) else x
+
+
+# AVG/SUM over doubles near 1e308 overflow: PostgreSQL raises "value out of range" (its AVG
+# also sums squares, which overflow from ~1e154) and SQLite returns inf. Values with |x| >= 1
+# are summed scaled by 2**-64 (exact, and far from underflow, which PostgreSQL raises on too),
+# the rest unscaled, so no partial sum can overflow below 2**64 rows.
+_MEAN_SCALE = 2.0**-64
+_FLOAT_MAX = sys.float_info.max
+
+
+def finite_mean_columns(col: Any) -> tuple[ColumnElement[Any], ...]:
+    """SQL aggregates for `finite_mean`: the mean of `col` over its finite values only.
+
+    ±inf and NaN are left out (PostgreSQL sorts NaN above every number, so BETWEEN rejects it;
+    SQLite stores NaN as NULL).
+    """
+    finite = col.between(-_FLOAT_MAX, _FLOAT_MAX)
+    large = func.abs(col) >= 1.0
+    return (
+        func.sum(case((and_(finite, large), col * _MEAN_SCALE))),
+        func.sum(case((and_(finite, ~large), col))),
+        func.count(case((finite, 1))),
+    )
+
+
+def finite_mean(large_scaled: Any, small: Any, n: Any) -> float | None:
+    """The mean from the three values `finite_mean_columns` selected (None without any)."""
+    if not n:
+        return None
+    return float(large_scaled or 0.0) / int(n) / _MEAN_SCALE + float(small or 0.0) / int(n)
 
 
 def _text(t: str) -> str:
@@ -512,7 +543,7 @@ def sweep_status(sessions: Sessions, sweep_id: int) -> list[RunStatus]:
                 func.sum(case((Chain.last_error.is_not(None), 1), else_=0)),
                 func.sum(Chain.target_steps + 1),
                 func.sum(Chain.current_step + 1),
-                func.avg(Chain.state_reward),
+                *finite_mean_columns(Chain.state_reward),
                 func.sum(case((Chain.current_step > 0, Chain.current_step), else_=0)),
                 func.sum(Chain.accepted_steps),
                 func.sum(Chain.rejected_with_reason),
@@ -533,8 +564,8 @@ def sweep_status(sessions: Sessions, sweep_id: int) -> list[RunStatus]:
             kinds.setdefault(run_id, {})[kind] = int(n)
     out = []
     for row in chain_rows:
-        (run_id, name, method, n, done, failed, cancelled, errs, total, steps_done, mean_r,
-         mc, acc, rej, first, last) = row  # fmt: skip
+        (run_id, name, method, n, done, failed, cancelled, errs, total, steps_done, r_large,
+         r_small, r_n, mc, acc, rej, first, last) = row  # fmt: skip
         out.append(
             RunStatus(
                 run_id=run_id,
@@ -550,7 +581,7 @@ def sweep_status(sessions: Sessions, sweep_id: int) -> list[RunStatus]:
                 mcmc_proposals=int(mc or 0),
                 mcmc_accepted=int(acc or 0),
                 rejected_with_reason=int(rej or 0),
-                mean_reward=None if mean_r is None else float(mean_r),
+                mean_reward=finite_mean(r_large, r_small, r_n),
                 first_at=first,
                 last_at=last,
                 step_errors=sum(kinds.get(run_id, {}).values()),
