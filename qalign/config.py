@@ -321,8 +321,12 @@ def _describe(err: ValidationError) -> str:
 
 
 def _show(value: Any) -> str:
+    # Shortened: the message must stay one readable line even for a 5000-character name.
     text = repr(value)
-    return text if len(text) <= 40 else f"{text[:24]}... ({len(text)} characters)"
+    if len(text) <= 40:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, str) else f"{len(text)} digits"
+    return f"{text[:24]}... ({size})"
 
 
 def _lookup(cfg: SweepConfig, key: str) -> Any:
