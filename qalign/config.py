@@ -498,9 +498,8 @@ def load_config(path: str | os.PathLike[str]) -> SweepConfig:
         raise ConfigError(
             f"config {p} is not UTF-8 text ({exc.reason} at byte {exc.start})"
         ) from None
-    loader = BoundedLoader(text)
     try:
-        data = loader.get_single_data()
+        data = _load_yaml(text)
     except ConfigLimitError as exc:
         raise ConfigLimitError(f"{p}: {exc}") from None
     except yaml.YAMLError as exc:
@@ -510,6 +509,12 @@ def load_config(path: str | os.PathLike[str]) -> SweepConfig:
         raise ConfigError(f"{p} holds a value YAML cannot construct: {exc}") from None
     except RecursionError:
         raise ConfigError(f"{p} is nested too deeply to be a sweep config") from None
+    return parse_config(data, str(p))
+
+
+def _load_yaml(text: str) -> Any:
+    loader = BoundedLoader(text)  # its reader already refuses characters YAML forbids
+    try:
+        return loader.get_single_data()
     finally:
         loader.dispose()
-    return parse_config(data, str(p))
