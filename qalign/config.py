@@ -42,7 +42,6 @@ class ConfigLimitError(ConfigError):
 LIMITS: dict[str, int] = {
     "steps": 1_000_000,
     "chains_per_prompt": 100_000,
-    "chains": 10_000_000,  # runs x prompts x chains_per_prompt, the chain rows of a sweep
     "max_new_tokens": 1_000_000,
     "max_prompt_length": 1_000_000,
     "generator.max_retries": 1_000,
@@ -51,6 +50,7 @@ LIMITS: dict[str, int] = {
     "execution.concurrency": 100_000,
     "execution.max_attempts": 1_000,
 }
+MAX_SWEEP_CHAINS = 10_000_000  # runs x prompts x chains_per_prompt: the sweep's chain rows
 MAX_NAME_CHARS = 200  # sweep name, generator.model, reward.model (a run's name holds the model)
 MAX_URL_CHARS = 300
 MAX_CONFIG_BYTES = 1 << 20
@@ -368,7 +368,7 @@ def limit_problems(cfg: SweepConfig) -> list[str]:
     # A lower bound (at least one prompt), so a grid x chains_per_prompt that is already too big
     # is refused before any dataset is loaded.
     runs, per_prompt = _run_count(cfg), cfg.chains_per_prompt
-    if per_prompt <= LIMITS["chains_per_prompt"] and runs * per_prompt > LIMITS["chains"]:
+    if per_prompt <= LIMITS["chains_per_prompt"] and runs * per_prompt > MAX_SWEEP_CHAINS:
         problems.append(_chains_problem(runs, None, cfg.chains_per_prompt))
     return problems
 
@@ -385,7 +385,7 @@ def _chains_problem(runs: int, prompts: int | None, per_prompt: int) -> str:
     of = f"{runs} run(s) x {'at least 1' if prompts is None else prompts} prompt(s)"
     return (
         f"chains_per_prompt: {per_prompt} gives {of} x {per_prompt} = {n} chains, over the limit "
-        f"of {LIMITS['chains']} chains per sweep (lower chains_per_prompt, dataset.limit or the "
+        f"of {MAX_SWEEP_CHAINS} chains per sweep (lower chains_per_prompt, dataset.limit or the "
         "grid axes)"
     )
 
@@ -394,7 +394,7 @@ def check_chain_count(cfg: SweepConfig, prompts: int) -> None:
     """`ConfigLimitError` if the sweep's chains (runs x prompts x chains_per_prompt) are over
     the limit; call it once the prompts are counted, before any database or server is used."""
     runs = _run_count(cfg)
-    if runs * prompts * cfg.chains_per_prompt > LIMITS["chains"]:
+    if runs * prompts * cfg.chains_per_prompt > MAX_SWEEP_CHAINS:
         raise ConfigLimitError(
             f"{cfg.name}: {_chains_problem(runs, prompts, cfg.chains_per_prompt)}"
         )

@@ -206,3 +206,17 @@ def test_postgresql_refusal_writes_no_rows(
     finally:
         engine.dispose()
     assert counts == dict.fromkeys(TABLES, 0)
+
+
+def test_a_grid_too_big_for_any_dataset_is_refused_before_the_dataset_loads(
+    tmp_path: Path,
+) -> None:
+    """101 runs x 100000 chains is over the sweep limit with a single prompt: the (missing)
+    dataset file is never opened."""
+    from qalign.config import ConfigLimitError, parse_config
+
+    cfg = _base()
+    cfg.update(chains_per_prompt=100_000, beta=[1.0 + i for i in range(101)])
+    cfg["dataset"] = {"path": str(tmp_path / "never-read.jsonl")}
+    with pytest.raises(ConfigLimitError, match=r"101 run\(s\) x at least 1 prompt\(s\)"):
+        parse_config(cfg, "grid.yaml")
