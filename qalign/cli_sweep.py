@@ -199,12 +199,13 @@ def run_command(
     """
     from qalign.sampling.loop import run_sync
     from qalign.scheduler.local import run_locally
-    from qalign.scheduler.sweeps import create_sweep
+    from qalign.scheduler.sweeps import create_sweep, sweep_prompts
     from qalign.steps.service import StepService
 
     cfg = _load(config_path)
+    prompts = sweep_prompts(cfg)  # a sweep over the size limits must not create the database
     sessions = _sessions(database, upgrade=True)
-    sweep_id, created = create_sweep(sessions, cfg, check=not no_check)
+    sweep_id, created = create_sweep(sessions, cfg, check=not no_check, prompts=prompts)
     click.echo(
         f"{'created' if created else 'resuming'} sweep {cfg.name!r} (id {sweep_id})", err=True
     )
@@ -259,11 +260,12 @@ def sweep_create(config_path: str, database: str | None, no_check: bool) -> None
 
     Example: qalign sweep create sweep.yaml --database postgresql://user@db/qalign
     """
-    from qalign.scheduler.sweeps import create_sweep
+    from qalign.scheduler.sweeps import create_sweep, sweep_prompts
 
     cfg = _load(config_path)
+    prompts = sweep_prompts(cfg)  # size limits first: nothing is opened for a refused sweep
     sessions = _sessions(database, upgrade=False)
-    sweep_id, created = create_sweep(sessions, cfg, check=not no_check)
+    sweep_id, created = create_sweep(sessions, cfg, check=not no_check, prompts=prompts)
     click.echo(f"{'created' if created else 'exists:'} sweep {cfg.name!r} (id {sweep_id})")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from yaml.events import AliasEvent, CollectionStartEvent
+from yaml.nodes import CollectionNode, MappingNode, Node
 
 from qalign.clients.spec import GeneratorSpec, RewardSpec
 from qalign.core import index_distribution
@@ -26,6 +29,40 @@ DEFAULT_STEPS = 10
 
 class ConfigError(ValueError):
     """A sweep config that cannot be used; the message names every bad key and its problem."""
+
+
+class ConfigLimitError(ConfigError):
+    """A config over one of the size limits of `LIMITS` (one line naming key, value, limit)."""
+
+
+# Sizes past which a config is a mistake or an attack, refused before anything is allocated,
+# written or contacted: a typo'd `chains_per_prompt: 10000000` would otherwise insert millions
+# of rows, and ints past 2**31 overflow PostgreSQL's INTEGER columns mid-insert. Documented in
+# the README's "Limits" table; keep the two in step.
+LIMITS: dict[str, int] = {
+    "steps": 1_000_000,
+    "chains_per_prompt": 100_000,
+    "max_new_tokens": 1_000_000,
+    "max_prompt_length": 1_000_000,
+    "generator.max_retries": 1_000,
+    "reward.max_retries": 1_000,
+    "reward.batch_size": 100_000,
+    "execution.concurrency": 100_000,
+    "execution.max_attempts": 1_000,
+}
+MAX_SWEEP_CHAINS = 10_000_000  # runs x prompts x chains_per_prompt: the sweep's chain rows
+MAX_NAME_CHARS = 200  # sweep name, generator.model, reward.model (a run's name holds the model)
+MAX_URL_CHARS = 300
+MAX_CONFIG_BYTES = 1 << 20
+MAX_ALIAS_VALUES = 100_000
+FINITE_KEYS = (
+    "beta",
+    "temperature",
+    "clamp",
+    "generator.timeout",
+    "reward.timeout",
+    "execution.stall_timeout",
+)
 
 
 class _Strict(BaseModel):
@@ -164,7 +201,8 @@ class SweepConfig(_Strict):
     """A whole sweep. Grid axes (`beta`, `temperature`, `steps`, `generator.model`) take a value
     or a list of values; every combination is one run."""
 
-    name: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+    # The length is checked by `check_limits` (one line naming the limit), not here.
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.:\-]+$")]
     method: Literal["qalign", "quest", "ancestral"] = "qalign"
     generator: GeneratorConfig
     reward: RewardConfig | None = None
@@ -282,6 +320,86 @@ def _describe(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _show(value: Any) -> str:
+    # Shortened: the message must stay one readable line even for a 5000-character name.
+    text = repr(value)
+    if len(text) <= 40:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, str) else f"{len(text)} digits"
+    return f"{text[:24]}... ({size})"
+
+
+def _lookup(cfg: SweepConfig, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part, None)
+    return node
+
+
+def _over(key: str, value: Any, limit: int | str) -> str:
+    return f"{key}: {_show(value)} is over the limit of {limit}"
+
+
+def limit_problems(cfg: SweepConfig) -> list[str]:
+    """Every size limit `cfg` breaks, one phrase each (key, value, limit); [] if none."""
+    problems = []
+    for key, limit in LIMITS.items():
+        value = _lookup(cfg, key)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, int) and v > limit:
+                problems.append(_over(key, v, limit))
+    names = [("name", cfg.name), *(("generator.model", m) for m in cfg.generator.model)]
+    if cfg.reward is not None:
+        names.append(("reward.model", cfg.reward.model))
+    for key, name in names:
+        if len(name) > MAX_NAME_CHARS:
+            problems.append(_over(key, name, f"{MAX_NAME_CHARS} characters"))
+    urls = [("generator.urls", u) for u in cfg.generator.urls]
+    urls += [("generator.template_url", u) for u in cfg.generator.template_url or []]
+    urls += [("reward.urls", u) for u in (cfg.reward.urls if cfg.reward else [])]
+    for key, url in urls:
+        if len(url) > MAX_URL_CHARS:
+            problems.append(_over(key, url, f"{MAX_URL_CHARS} characters"))
+    for key in FINITE_KEYS:
+        value = _lookup(cfg, key)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                problems.append(f"{key}: {v!r} is not a finite number")
+    # A lower bound (at least one prompt), so a grid x chains_per_prompt that is already too big
+    # is refused before any dataset is loaded.
+    runs, per_prompt = _run_count(cfg), cfg.chains_per_prompt
+    if per_prompt <= LIMITS["chains_per_prompt"] and runs * per_prompt > MAX_SWEEP_CHAINS:
+        problems.append(_chains_problem(runs, None, cfg.chains_per_prompt))
+    return problems
+
+
+def _run_count(cfg: SweepConfig) -> int:
+    if cfg.method == "ancestral":
+        return len(cfg.temperature) * len(cfg.generator.model)
+    steps = len(cfg.steps) if cfg.steps else 1
+    return len(cfg.beta) * len(cfg.temperature) * steps * len(cfg.generator.model)
+
+
+def _chains_problem(runs: int, prompts: int | None, per_prompt: int) -> str:
+    n = runs * (prompts or 1) * per_prompt
+    of = f"{runs} run(s) x {'at least 1' if prompts is None else prompts} prompt(s)"
+    return (
+        f"chains_per_prompt: {per_prompt} gives {of} x {per_prompt} = {n} chains, over the limit "
+        f"of {MAX_SWEEP_CHAINS} chains per sweep (lower chains_per_prompt, dataset.limit or the "
+        "grid axes)"
+    )
+
+
+def check_chain_count(cfg: SweepConfig, prompts: int) -> None:
+    """`ConfigLimitError` if the sweep's chains (runs x prompts x chains_per_prompt) are over
+    the limit; call it once the prompts are counted, before any database or server is used."""
+    runs = _run_count(cfg)
+    if runs * prompts * cfg.chains_per_prompt > MAX_SWEEP_CHAINS:
+        raise ConfigLimitError(
+            f"{cfg.name}: {_chains_problem(runs, prompts, cfg.chains_per_prompt)}"
+        )
+
+
 def parse_config(data: Any, source: str = "config") -> SweepConfig:
     """Validate a parsed YAML mapping; raise `ConfigError` naming each bad key."""
     if not isinstance(data, dict):
@@ -289,24 +407,101 @@ def parse_config(data: Any, source: str = "config") -> SweepConfig:
             f"{source}: the top level must be a mapping of keys, got {type(data).__name__}"
         )
     try:
-        return SweepConfig.model_validate(data)
+        cfg = SweepConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(f"{source} is invalid:\n{_describe(err)}") from None
+    problems = limit_problems(cfg)
+    if problems:
+        # One line, so the CLI prints exactly one `Error:` line.
+        raise ConfigLimitError(f"{source}: {'; '.join(problems)} (see the README's Limits)")
+    return cfg
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses alias bombs and self-referencing aliases.
+
+    PyYAML shares an aliased node rather than copying it, so a "billion laughs" file loads in
+    microseconds -- and then pydantic, `model_dump` and JSON walk every shared reference, which
+    is exponential. Counting the values each alias stands for bounds that walk; a self-reference
+    would be a cyclic structure that pydantic cannot validate at all.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._alias_values = 0
+        self._sizes: dict[int, int] = {}
+        self._open_anchors: set[str] = set()
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
+        event = self.peek_event()  # type: ignore[no-untyped-call]  # untyped in types-PyYAML
+        if isinstance(event, AliasEvent):
+            if event.anchor in self._open_anchors:
+                raise ConfigLimitError(
+                    f"alias *{event.anchor} {_where(event)} refers to the value that holds it; "
+                    "a config cannot contain itself"
+                )
+            node = super().compose_node(parent, index)
+            if node is not None:
+                self._alias_values += self._size(node)
+                if self._alias_values > MAX_ALIAS_VALUES:
+                    raise ConfigLimitError(
+                        f"alias *{event.anchor} {_where(event)}: YAML aliases expand to more "
+                        f"than the limit of {MAX_ALIAS_VALUES} values; write the values out"
+                    )
+            return node
+        anchor = event.anchor if isinstance(event, CollectionStartEvent) else None
+        if anchor is None:
+            return super().compose_node(parent, index)
+        self._open_anchors.add(anchor)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._open_anchors.discard(anchor)
+
+    def _size(self, node: Node) -> int:
+        """Values `node` expands to, aliases inside it included (memoised: shared nodes)."""
+        known = self._sizes.get(id(node))
+        if known is not None:
+            return known
+        size = 1
+        if isinstance(node, MappingNode):
+            for k, v in node.value:
+                size += self._size(k) + self._size(v)
+        elif isinstance(node, CollectionNode):
+            size += sum(self._size(child) for child in node.value)
+        self._sizes[id(node)] = size
+        return size
+
+
+def _where(event: Any) -> str:
+    mark = event.start_mark
+    return "" if mark is None else f"at line {mark.line + 1}"
 
 
 def load_config(path: str | os.PathLike[str]) -> SweepConfig:
     """Read and validate a YAML sweep config."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as f:
+            # Read at most one byte past the limit: a config on /dev/zero must not fill memory.
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read config {p}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigLimitError(
+            f"{p}: the config file is over the limit of {MAX_CONFIG_BYTES} bytes (1 MiB); put "
+            "long prompt lists in a dataset file (dataset.path)"
+        )
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(
             f"config {p} is not UTF-8 text ({exc.reason} at byte {exc.start})"
         ) from None
     try:
-        data = yaml.safe_load(text)
+        data = _load_yaml(text)
+    except ConfigLimitError as exc:
+        raise ConfigLimitError(f"{p}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p} is not valid YAML: {exc}") from None
     except (ValueError, TypeError, AttributeError) as exc:
@@ -315,3 +510,11 @@ def load_config(path: str | os.PathLike[str]) -> SweepConfig:
     except RecursionError:
         raise ConfigError(f"{p} is nested too deeply to be a sweep config") from None
     return parse_config(data, str(p))
+
+
+def _load_yaml(text: str) -> Any:
+    loader = BoundedLoader(text)  # its reader already refuses characters YAML forbids
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 
 from qalign.clients.errors import ClientError
 from qalign.clients.registry import ClientRegistry
-from qalign.config import ConfigError, SweepConfig
-from qalign.datasets import load_prompts
+from qalign.config import ConfigError, SweepConfig, check_chain_count
+from qalign.datasets import PromptRow, load_prompts
 from qalign.dispatch.base import Dispatcher
 from qalign.sampling.loop import run_sync
 from qalign.storage import repo
@@ -36,11 +37,33 @@ def check_servers(cfg: SweepConfig, startup_timeout: float = 15.0) -> None:
     run_sync(_check_servers(cfg, startup_timeout))
 
 
-def create_sweep(
-    sessions: repo.Sessions, cfg: SweepConfig, *, check: bool = True, server_wait: float = 15.0
-) -> tuple[int, bool]:
-    """Validate the dataset and servers, then write the sweep (idempotent by name + config)."""
+def sweep_prompts(cfg: SweepConfig) -> list[PromptRow]:
+    """Load the sweep's prompts and check its chain count (`ConfigLimitError` if too many).
+
+    The CLI calls this before it opens the database: a sweep too big to create must not leave
+    an SQLite file behind or touch a server.
+    """
     prompts = load_prompts(cfg.dataset)
+    check_chain_count(cfg, len(prompts))
+    return prompts
+
+
+def create_sweep(
+    sessions: repo.Sessions,
+    cfg: SweepConfig,
+    *,
+    check: bool = True,
+    server_wait: float = 15.0,
+    prompts: Sequence[PromptRow] | None = None,
+) -> tuple[int, bool]:
+    """Validate the dataset and servers, then write the sweep (idempotent by name + config).
+
+    `prompts` are those `sweep_prompts(cfg)` returned, when the caller loaded them already.
+    """
+    if prompts is None:
+        prompts = sweep_prompts(cfg)
+    else:
+        check_chain_count(cfg, len(prompts))
     if check:
         check_servers(cfg, server_wait)
     runs = [run.to_config() for run in cfg.runs()]
