@@ -12,6 +12,7 @@ command line starts, so qalign's own code runs unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sqlite3
@@ -21,10 +22,14 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, select
 
+from qalign.config import parse_config
+from qalign.scheduler.sweeps import create_sweep
+from qalign.steps.service import DatabaseFailure, StepService
+from qalign.storage.engine import make_engine, make_sessionmaker
 from qalign.storage.migrate import HEAD, check_schema, upgrade
-from qalign.storage.models import Base
+from qalign.storage.models import Base, Chain
 from tests.sweeps_support import sweep_config, write_config
 
 # Below pytest's 600 s timeout, with room for the rest of a test.
@@ -304,3 +309,43 @@ def test_full_disk_gives_one_line_and_leaves_the_file_usable(
     # The failed migration rolled back whole: with room again, the same command just works.
     _assert_ok(_run(tmp_path, cfg, url))
     _assert_complete(url)
+
+
+def test_step_service_stops_the_run_on_a_read_only_file(
+    tmp_path: Path, toy: tuple[str, str]
+) -> None:
+    """The commit goes through a raw pooled connection (`hotpath`), past the engine's error hook:
+    the service still names the file and stops the run instead of failing chain after chain."""
+    db = tmp_path / "steps.sqlite"
+    engine = make_engine(f"sqlite:///{db}")
+    try:
+        upgrade(engine)
+        sessions = make_sessionmaker(engine)
+        raw = sweep_config("ro-steps", *toy, prompts=1, beta=1.0, steps=1, chains=1)
+        create_sweep(sessions, parse_config(raw))
+        with sessions() as s:
+            chain_id = s.scalars(select(Chain.id)).one()
+    finally:
+        engine.dispose()
+    ro = make_engine(f"sqlite:///file:{db}?mode=ro&uri=true")
+    try:
+        sessions = make_sessionmaker(ro)
+
+        async def go() -> None:
+            service = StepService(sessions)
+            try:
+                await service.take(chain_id, 0)  # the initial sample: read, generate, commit
+            finally:
+                await service.close()
+
+        with pytest.raises(DatabaseFailure) as caught:
+            asyncio.run(go())
+        assert str(db) in str(caught.value) and "is read-only" in str(caught.value)
+    finally:
+        ro.dispose()
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("SELECT count(*) FROM step_errors").fetchone() == (0,)
+        assert conn.execute("SELECT status, attempts FROM chains").fetchall() == [("pending", 0)]
+    finally:
+        conn.close()
