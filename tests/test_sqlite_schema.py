@@ -231,6 +231,9 @@ def test_empty_half_state_is_rebuilt_and_one_with_data_refused(
     cfg = _config(tmp_path, "repaired", toy)
     db = tmp_path / "half.sqlite"
     _half_state(db, keep)
+    # A read-only command leaves the file alone and says what rebuilds it.
+    listed = _finish(_cli(tmp_path, "sweep", "list", "--database", f"sqlite:///{db}"))
+    assert "qalign db upgrade" in _one_line_error(listed)
     _assert_ok(_run(tmp_path, cfg, f"sqlite:///{db}"))
     _assert_complete(f"sqlite:///{db}")
 

@@ -132,12 +132,20 @@ def _has_qalign_tables(conn: Connection) -> bool:
     return bool(names & set(Base.metadata.tables))
 
 
-def _schema_error(engine: Engine, current: str | None, unversioned: bool) -> SchemaNotAtHeadError:
+def _schema_error(
+    engine: Engine, current: str | None, unversioned: bool, repairable: bool = False
+) -> SchemaNotAtHeadError:
     head = head_revision()
     where = redact_url(engine.url)
     fix = f"run `qalign db upgrade --database {where}`"
     state: str
-    if current is None and unversioned:
+    if current is None and unversioned and repairable:
+        state = "unversioned"
+        message = (
+            f"database {where} holds only the empty tables of an interrupted first migration "
+            f"(no Alembic revision; head: {head}); {fix} (or `qalign run`) to rebuild them."
+        )
+    elif current is None and unversioned:
         state = "unversioned"
         message = (
             f"database {where} has qalign tables but no Alembic revision (current: none, head: "
@@ -184,9 +192,14 @@ def check_schema(engine: Engine) -> str:
     with open_connection(engine) as conn:
         current = _current(conn)
         unversioned = current is None and _has_qalign_tables(conn)
+        repairable = (
+            unversioned
+            and conn.dialect.name == "sqlite"
+            and _abandoned_first_revision(conn) is not None
+        )
     if current == head:
         return head
-    raise _schema_error(engine, current, unversioned)
+    raise _schema_error(engine, current, unversioned, repairable)
 
 
 @contextmanager
@@ -233,11 +246,15 @@ def _sqlite_write_transaction(conn: Connection) -> Iterator[None]:
                 conn.rollback()
             raise
     finally:
-        with contextlib.suppress(Exception):
+        try:
             conn.rollback()  # a no-op after the commit above
             driver.isolation_level = saved
             conn.exec_driver_sql("PRAGMA foreign_keys=ON")
             conn.commit()
+        except Exception:
+            # Never hand a connection without foreign keys (or in autocommit mode) back to the
+            # pool; the error already being raised, if any, is the one worth reporting.
+            conn.invalidate()
 
 
 @contextmanager
