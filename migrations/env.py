@@ -15,6 +15,7 @@ from sqlalchemy import Connection
 from sqlalchemy.types import TypeDecorator
 
 from qalign.storage.engine import database_url, make_engine, normalize_url
+from qalign.storage.migrate import _migration_connection
 from qalign.storage.models import Base
 
 config = context.config
@@ -35,15 +36,20 @@ def _url() -> str:
 
 
 def _run(connection: Connection) -> None:
-    """Run the migrations on `connection`, which must not be inside a transaction (else Alembic
-    treats it as the caller's transaction and leaves committing to the caller)."""
+    """Run the migrations on `connection`.
+
+    SQLite: the connection must already hold the write transaction of
+    `qalign.storage.migrate._migration_connection`; Alembic then treats it as the caller's and
+    neither commits nor lets pysqlite autocommit the DDL, so the version read, every migration
+    and the version stamp commit together or not at all. PostgreSQL: the connection is not in a
+    transaction and Alembic runs the migrations in one of its own (DDL is transactional there).
+    """
     sqlite = connection.dialect.name == "sqlite"
-    if sqlite:
-        # Batch migrations rebuild a table by copying it and dropping the original; with foreign
-        # keys enforced that DROP would cascade into child tables and delete their rows. The
-        # pragma is a no-op inside a transaction, so it is set before Alembic begins one.
-        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
-        connection.commit()
+    if sqlite and not connection.in_transaction():
+        raise RuntimeError(
+            "SQLite migrations must run inside qalign's write transaction "
+            "(qalign.storage.migrate.upgrade), else each DDL statement would commit on its own"
+        )
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
@@ -51,16 +57,8 @@ def _run(connection: Connection) -> None:
         compare_type=True,
         render_item=_render_item,
     )
-    try:
-        with context.begin_transaction():
-            context.run_migrations()
-        if sqlite:
-            connection.commit()
-    finally:
-        if sqlite:
-            connection.rollback()  # a no-op after the commit above
-            connection.exec_driver_sql("PRAGMA foreign_keys=ON")
-            connection.commit()
+    with context.begin_transaction():
+        context.run_migrations()
 
 
 def run_migrations_offline() -> None:
@@ -85,9 +83,8 @@ def run_migrations_online() -> None:
         return
     engine = make_engine(_url(), pool_size=1, max_overflow=0)
     try:
-        with engine.connect() as conn:
+        with _migration_connection(engine) as conn:
             _run(conn)
-            conn.commit()
     finally:
         engine.dispose()
 

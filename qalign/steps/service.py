@@ -43,7 +43,13 @@ from qalign.sampling.step import (
 from qalign.steps.outcome import Outcome, Result
 from qalign.steps.spec import RunSpec
 from qalign.storage import repo
-from qalign.storage.errors import TRANSIENT_DB_ERRORS, ChainNotFoundError, StorageError
+from qalign.storage.errors import (
+    TRANSIENT_DB_ERRORS,
+    ChainNotFoundError,
+    SQLiteFileError,
+    StorageError,
+    sqlite_file_error,
+)
 from qalign.storage.models import ChainStatus
 
 log = logging.getLogger(__name__)
@@ -399,6 +405,11 @@ class StepService:
             return Outcome(chain_id, step, Result.DEFERRED, error=f"{type(exc).__name__}: {first}")
         if isinstance(exc, DatabaseFailure):
             raise exc
+        if (file_error := _sqlite_file_error(exc, self.sessions)) is not None:
+            # Corrupt, read-only, full: fatal for the whole run, and the message already says
+            # which file and what to do. Raw pooled connections (`hotpath`) bypass the
+            # engine's error hook, hence the second look here.
+            raise DatabaseFailure(str(file_error)) from exc
         raise DatabaseFailure(_database_message(exc, self.sessions)) from exc
 
     async def close(self) -> None:
@@ -406,6 +417,15 @@ class StepService:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
+
+
+def _sqlite_file_error(exc: BaseException, sessions: repo.Sessions) -> SQLiteFileError | None:
+    from qalign.storage.engine import sqlite_path
+
+    bind = sessions.kw.get("bind")
+    if bind is None or bind.dialect.name != "sqlite":
+        return None
+    return sqlite_file_error(exc, sqlite_path(bind.url))
 
 
 def _database_message(exc: BaseException, sessions: repo.Sessions) -> str:

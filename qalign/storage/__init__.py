@@ -23,6 +23,7 @@ from qalign.storage.errors import (
     MigrationsNotFoundError,
     SchemaNotAtHeadError,
     SQLiteDirectoryMissingError,
+    SQLiteFileError,
     StorageError,
 )
 from qalign.storage.migrate import (
@@ -63,6 +64,7 @@ __all__ = [
     "Proposal",
     "Run",
     "SQLiteDirectoryMissingError",
+    "SQLiteFileError",
     "SchemaNotAtHeadError",
     "StorageError",
     "Sweep",

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, ExceptionContext, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool, StaticPool
@@ -27,6 +27,7 @@ from qalign.storage.errors import (
     DatabaseUnreachableError,
     InvalidDatabaseURLError,
     SQLiteDirectoryMissingError,
+    sqlite_file_error,
 )
 
 ENV_DATABASE_URL = "QALIGN_DATABASE_URL"
@@ -169,6 +170,30 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+def sqlite_path(url: str | URL) -> str:
+    """The file a SQLite URL names, as a person would type it (a `file:` URI's path part)."""
+    parsed = make_url(url) if isinstance(url, str) else url
+    database = parsed.database or ":memory:"
+    if parsed.query.get("uri") and database.startswith("file:"):
+        database = database.removeprefix("file:").split("?", 1)[0]
+    return database
+
+
+def _sqlite_file_errors(engine: Engine) -> None:
+    """Turn "the file itself is unusable" errors (corrupt, not a database, read-only, disk full)
+    into `SQLiteFileError` wherever a statement or a connect fails, so every caller (a CLI
+    command, a migration, the step service) reports the file and the fix instead of a driver
+    traceback."""
+    path = sqlite_path(engine.url)
+
+    def handle_error(context: ExceptionContext) -> None:
+        error = sqlite_file_error(context.original_exception, path)
+        if error is not None:
+            raise error from context.original_exception
+
+    event.listen(engine, "handle_error", handle_error)
+
+
 # A pooled PostgreSQL connection idle for longer than this is pinged before use. A busy worker
 # reuses its connections within milliseconds, and a ping on every checkout (SQLAlchemy's
 # `pool_pre_ping`) cost as much CPU as the step's own statements; a connection that dies while
@@ -265,6 +290,7 @@ def make_engine(
         ) from exc
     if backend == "sqlite":
         event.listen(engine, "connect", _sqlite_on_connect)
+        _sqlite_file_errors(engine)
     else:
         event.listen(engine, "checkin", _note_checkin)
         event.listen(engine, "checkout", _ping_if_idle)
@@ -362,4 +388,5 @@ __all__ = [
     "open_connection",
     "ping",
     "redact_url",
+    "sqlite_path",
 ]

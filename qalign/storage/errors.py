@@ -73,6 +73,81 @@ class SchemaNotAtHeadError(StorageError):
         self.head = head
 
 
+class SQLiteFileError(StorageError):
+    """The SQLite file itself is unusable: "corrupt", "not a database", "read-only" or
+    "disk full". No retry fixes these, so a run stops at once; the message names the file and
+    what to do, on one line.
+    """
+
+    KINDS = ("corrupt", "not a database", "read-only", "disk full")
+
+    def __init__(self, kind: str, path: str, detail: str = "") -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown SQLite file error kind {kind!r}")
+        shown = f" ({detail})" if detail else ""
+        advice = {
+            "corrupt": (
+                f"the SQLite database {path} is corrupt{shown}: restore it from a backup, or "
+                f"salvage what is left with `sqlite3 {path} .recover`, then move the damaged "
+                "file aside."
+            ),
+            "not a database": (
+                f"{path} is not a SQLite database{shown}: check that --database / "
+                "$QALIGN_DATABASE_URL names the right file, or move this file aside so qalign "
+                "can create a new database there."
+            ),
+            "read-only": (
+                f"the SQLite database {path} is read-only{shown}: make the file, its -wal/-shm "
+                "files and its directory writable by this user, or choose another database."
+            ),
+            "disk full": (
+                f"cannot write the SQLite database {path}: the disk is full{shown}; free space "
+                "on its filesystem (or move the database elsewhere) and rerun the same command."
+            ),
+        }[kind]
+        super().__init__(advice)
+        self.kind = kind
+        self.path = path
+
+
+# sqlite3 primary result codes (the low byte of an extended code) that mean the file itself is
+# unusable, and the text SQLite gives them (drivers that hide the code still keep the text).
+_SQLITE_FILE_CODES = {11: "corrupt", 26: "not a database", 8: "read-only", 13: "disk full"}
+_SQLITE_FILE_TEXTS = (
+    ("database disk image is malformed", "corrupt"),
+    ("file is not a database", "not a database"),
+    ("readonly database", "read-only"),
+    ("database or disk is full", "disk full"),
+)
+
+
+def sqlite_file_error(exc: BaseException, path: str) -> SQLiteFileError | None:
+    """The `SQLiteFileError` that `exc` (or an error it wraps) stands for, else None."""
+    import sqlite3
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, SQLiteFileError):
+            return err
+        if isinstance(err, sqlite3.Error):
+            first = (str(err).splitlines() or [""])[0]
+            code = getattr(err, "sqlite_errorcode", None)
+            if isinstance(code, int) and (code & 0xFF) in _SQLITE_FILE_CODES:
+                return SQLiteFileError(_SQLITE_FILE_CODES[code & 0xFF], path, first)
+            for needle, kind in _SQLITE_FILE_TEXTS:
+                if needle in first.lower():
+                    return SQLiteFileError(kind, path, first)
+        orig = getattr(err, "orig", None)
+        todo.extend([orig if isinstance(orig, BaseException) else None])
+        todo.extend([err.__cause__, err.__context__])
+    return None
+
+
 class ChainNotFoundError(StorageError, LookupError):
     """No chain of that id (e.g. a step message meant for another database)."""
 
@@ -85,8 +160,10 @@ __all__ = [
     "MigrationError",
     "MigrationsNotFoundError",
     "SQLiteDirectoryMissingError",
+    "SQLiteFileError",
     "SchemaNotAtHeadError",
     "StorageError",
+    "sqlite_file_error",
 ]
 
 

@@ -7,10 +7,18 @@ installed next to the `qalign` package (as the `migrations` package) by a regula
 `qalign run` calls `ensure_schema` (creates or upgrades the schema; the embedded SQLite default
 just works). Workers and read-only commands call `check_schema` and refuse to start unless the
 database is exactly at this qalign's head revision.
+
+On SQLite the version read and every migration run inside one write transaction taken up front
+(`BEGIN IMMEDIATE`; SQLite DDL is transactional): a second process starting on the same new file
+waits for the first and then finds the finished schema, and a process killed mid-migration leaves
+the file as it was. Releases before this one ran SQLite DDL in autocommit mode, so a kill could
+leave the first revision's tables without a version row; `upgrade` rebuilds that half-state when
+it holds no data and refuses any other inconsistent state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 from collections.abc import Iterator
@@ -23,7 +31,11 @@ from sqlalchemy.exc import DBAPIError
 
 import qalign
 from qalign.storage.engine import make_engine, open_connection, redact_url
-from qalign.storage.errors import MigrationError, MigrationsNotFoundError, SchemaNotAtHeadError
+from qalign.storage.errors import (
+    MigrationError,
+    MigrationsNotFoundError,
+    SchemaNotAtHeadError,
+)
 from qalign.storage.models import Base
 
 if TYPE_CHECKING:
@@ -34,6 +46,11 @@ if TYPE_CHECKING:
 # Knowing it without importing Alembic keeps the check every command makes cheap: importing
 # Alembic costs more CPU than a `qalign sweep status` query.
 HEAD = "0004_chain_counters"
+
+# The tables of the first revision (0001_initial), in creation order. Only these can exist without
+# a version row on a SQLite file left by an interrupted migration of an older qalign: its later
+# revisions ran after the first version row was written, inside that row's transaction.
+FIRST_REVISION_TABLES = ("sweeps", "prompts", "runs", "chains", "prompt_encodings", "proposals")
 
 # pg_advisory_lock key serialising concurrent `upgrade`s of one PostgreSQL database.
 _PG_LOCK_KEY = int.from_bytes(hashlib.sha256(b"qalign-migrate").digest()[:8], "big", signed=True)
@@ -115,12 +132,20 @@ def _has_qalign_tables(conn: Connection) -> bool:
     return bool(names & set(Base.metadata.tables))
 
 
-def _schema_error(engine: Engine, current: str | None, unversioned: bool) -> SchemaNotAtHeadError:
+def _schema_error(
+    engine: Engine, current: str | None, unversioned: bool, repairable: bool = False
+) -> SchemaNotAtHeadError:
     head = head_revision()
     where = redact_url(engine.url)
     fix = f"run `qalign db upgrade --database {where}`"
     state: str
-    if current is None and unversioned:
+    if current is None and unversioned and repairable:
+        state = "unversioned"
+        message = (
+            f"database {where} holds only the empty tables of an interrupted first migration "
+            f"(no Alembic revision; head: {head}); {fix} (or `qalign run`) to rebuild them."
+        )
+    elif current is None and unversioned:
         state = "unversioned"
         message = (
             f"database {where} has qalign tables but no Alembic revision (current: none, head: "
@@ -167,9 +192,14 @@ def check_schema(engine: Engine) -> str:
     with open_connection(engine) as conn:
         current = _current(conn)
         unversioned = current is None and _has_qalign_tables(conn)
+        repairable = (
+            unversioned
+            and conn.dialect.name == "sqlite"
+            and _abandoned_first_revision(conn) is not None
+        )
     if current == head:
         return head
-    raise _schema_error(engine, current, unversioned)
+    raise _schema_error(engine, current, unversioned, repairable)
 
 
 @contextmanager
@@ -185,10 +215,59 @@ def _engine_for(url: str | Engine) -> Iterator[Engine]:
 
 
 @contextmanager
+def _sqlite_write_transaction(conn: Connection) -> Iterator[None]:
+    """Hold SQLite's write lock (`BEGIN IMMEDIATE`) around the body; commit if it returns.
+
+    pysqlite would run DDL in autocommit mode (it only opens transactions before DML), so the
+    driver connection is put in autocommit mode and the transaction is begun explicitly (the
+    recipe of SQLAlchemy's pysqlite docs, "Serializable isolation / Savepoints / Transactional
+    DDL"): every CREATE, ALTER and DROP then belongs to the transaction, and a kill rolls them
+    back. Waiting for another process's lock is bounded by the busy timeout.
+    """
+    driver = conn.connection.driver_connection
+    if driver is None:  # pragma: no cover - a checked-out pysqlite connection always has one
+        raise RuntimeError("no SQLite driver connection")
+    # Batch migrations rebuild a table by copying it and dropping the original; with foreign
+    # keys enforced that DROP would cascade into child tables and delete their rows. The pragma
+    # is a no-op inside a transaction, so it is set before the transaction begins.
+    conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+    conn.commit()
+    saved = driver.isolation_level
+    driver.isolation_level = None
+    try:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        try:
+            yield
+            conn.commit()
+        except BaseException:
+            # The error being raised says what went wrong; a failed rollback (e.g. the file
+            # vanished) would only hide it, and SQLite discards the transaction anyway.
+            with contextlib.suppress(Exception):
+                conn.rollback()
+            raise
+    finally:
+        try:
+            conn.rollback()  # a no-op after the commit above
+            driver.isolation_level = saved
+            conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+            conn.commit()
+        except Exception:
+            # Never hand a connection without foreign keys (or in autocommit mode) back to the
+            # pool; the error already being raised, if any, is the one worth reporting.
+            conn.invalidate()
+
+
+@contextmanager
 def _migration_connection(engine: Engine) -> Iterator[Connection]:
-    """A connection not inside a transaction; on PostgreSQL it holds an advisory lock, so two
-    processes upgrading the same database at once run one after the other."""
+    """A connection that alone may migrate the database: on SQLite it is inside a write
+    transaction (`_sqlite_write_transaction`) that commits when the body returns; on PostgreSQL
+    it is not in a transaction and holds an advisory lock, so two processes upgrading the same
+    database at once run one after the other."""
     with open_connection(engine) as conn:
+        if conn.dialect.name == "sqlite":
+            with _sqlite_write_transaction(conn):
+                yield conn
+            return
         postgres = conn.dialect.name == "postgresql"
         if postgres:
             conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _PG_LOCK_KEY})
@@ -203,19 +282,44 @@ def _migration_connection(engine: Engine) -> Iterator[Connection]:
                 conn.commit()
 
 
+def _abandoned_first_revision(conn: Connection) -> list[str] | None:
+    """The tables to drop when the database holds exactly what an older qalign killed during its
+    first SQLite migration could leave: some of the first revision's tables, an empty or missing
+    `alembic_version`, nothing else, and no rows anywhere. None for any other state."""
+    names = set(inspect(conn).get_table_names())
+    extra = names - set(FIRST_REVISION_TABLES) - {"alembic_version"}
+    if extra or not names & set(FIRST_REVISION_TABLES):
+        return None
+    present = [t for t in reversed(FIRST_REVISION_TABLES) if t in names]
+    if "alembic_version" in names:
+        present.append("alembic_version")
+    for table in present:
+        # Table names come from the constant above, never from the database or a user.
+        if conn.exec_driver_sql(f'SELECT 1 FROM "{table}" LIMIT 1').first() is not None:
+            return None
+    return present
+
+
 def _run(engine: Engine, action: str, revision: str) -> None:
     from alembic import command
     from alembic.script.revision import RevisionError
     from alembic.util.exc import CommandError
 
     with _migration_connection(engine) as conn:
+        sqlite = conn.dialect.name == "sqlite"
         current = _current(conn)
-        conn.commit()
         if current is not None and not _known(current):
             raise _schema_error(engine, current, unversioned=False)
         if current is None and action == "upgrade" and _has_qalign_tables(conn):
-            raise _schema_error(engine, current, unversioned=True)
-        conn.commit()
+            leftover = _abandoned_first_revision(conn) if sqlite else None
+            if leftover is None:
+                raise _schema_error(engine, current, unversioned=True)
+            for table in leftover:
+                conn.exec_driver_sql(f'DROP TABLE "{table}"')
+        if not sqlite:
+            # Alembic begins and commits its own transaction on a connection not inside one;
+            # on SQLite it joins the write transaction held by `_migration_connection`.
+            conn.commit()
         cfg = make_config(connection=conn)
         try:
             if action == "upgrade":
@@ -245,12 +349,15 @@ def downgrade(url: str | Engine, revision: str) -> None:
 def ensure_schema(url: str | Engine) -> str:
     """Bring an empty or older database to head (what `qalign run` does) and return the head
     revision. A database migrated by a newer qalign, or holding tables without a revision,
-    raises `SchemaNotAtHeadError`."""
+    raises `SchemaNotAtHeadError` (except the empty half-state an interrupted SQLite migration
+    of an older qalign left, which `upgrade` rebuilds)."""
     with _engine_for(url) as engine:
         try:
             return check_schema(engine)
         except SchemaNotAtHeadError as exc:
-            if exc.state not in ("empty", "behind"):
+            # "unversioned" too: `upgrade` decides under the write lock whether it is the
+            # repairable half-state, and raises the same error otherwise.
+            if exc.state not in ("empty", "behind", "unversioned"):
                 raise
         upgrade(engine)
         return check_schema(engine)
