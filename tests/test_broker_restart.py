@@ -33,9 +33,9 @@ RESTARTS = 4
 CHAINS, STEPS = 8, 40
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(540)
 def test_workers_survive_redis_restarts_and_the_sweep_stays_exact(pg_url, tmp_path):
-    rd = PrivateRedis()
+    rd = PrivateRedis(log=tmp_path / "redis.log")
     rd.start()
     gen = ToyServerOptions(served_model_names=("toy-lm",), port=0, latency_base=0.15)
     try:
@@ -67,7 +67,7 @@ def test_workers_survive_redis_restarts_and_the_sweep_stays_exact(pg_url, tmp_pa
                     time.sleep(2.0)  # long enough for every worker to reconnect (or die)
                     for w in crew:
                         assert w.proc.poll() is None, (n, w.name, w.output()[-4000:])
-                wait_done(pg_url, CHAINS, timeout=90)
+                wait_done(pg_url, CHAINS, timeout=300)
                 for w in crew:
                     assert w.proc.poll() is None, (w.name, w.output()[-4000:])
                     assert "Connection to broker lost" in w.output()  # it did see the restarts
