@@ -27,6 +27,7 @@ from qalign.toy.exact import (
     tv_bound,
 )
 from qalign.toy.model import ToyModel
+from tests.stub_servers import Gate, proxy_app, serve_in_background
 from tests.sweeps_support import (
     Worker,
     check_invariants,
@@ -99,20 +100,29 @@ def test_sigkilled_worker_loses_nothing_and_sampling_stays_exact(pg_url, tmp_pat
 
 
 def test_redis_flushed_mid_run_then_resume_completes(pg_url, tmp_path, toy, broker):
-    cfg = sweep_config("flush", *toy, prompts=4, beta=1.0, steps=8, chains=4)
-    _create(pg_url, tmp_path, cfg, broker)
-    total = 16
-    w = Worker("flushy@host", pg_url, broker, concurrency=4)
-    with workers(w):
-        assert cli("sweep", "run", "flush", "--database", pg_url, env=broker.env()).returncode == 0
-        while steps_committed(pg_url) < 20:
-            time.sleep(0.05)
-        broker.flush()  # the broker loses every message of this sweep (queue and unacked)
-        time.sleep(2.0)
-        assert steps_committed(pg_url) < total * 9
-        out = cli("sweep", "resume", "flush", "--database", pg_url, env=broker.env())
-        assert out.returncode == 0, out.stderr
-        wait_done(pg_url, total)
+    # A gate passes 40 of the 144 generations and holds the rest until the broker was flushed:
+    # the flush always lands mid-sweep, however fast or slow the machine is.
+    gate = Gate(allow=40)
+    with serve_in_background(proxy_app(toy[0], gate=gate)) as gated:
+        cfg = sweep_config("flush", gated, toy[1], prompts=4, beta=1.0, steps=8, chains=4)
+        cfg["generator"]["timeout"] = 300  # held requests wait for the gate, not a retry
+        _create(pg_url, tmp_path, cfg, broker)
+        total = 16
+        w = Worker("flushy@host", pg_url, broker, concurrency=4, log_dir=tmp_path)
+        with workers(w):
+            sent = cli("sweep", "run", "flush", "--database", pg_url, env=broker.env())
+            assert sent.returncode == 0, sent.stderr
+            deadline = time.monotonic() + 300  # wide for a loaded machine
+            while steps_committed(pg_url) < 20:
+                assert w.proc.poll() is None, w.output()[-4000:]
+                assert time.monotonic() < deadline, w.output()[-4000:]
+                time.sleep(0.05)
+            broker.flush()  # the broker loses every message of this sweep (queue and unacked)
+            assert steps_committed(pg_url) <= 40 < total * 9
+            gate.open()
+            out = cli("sweep", "resume", "flush", "--database", pg_url, env=broker.env())
+            assert out.returncode == 0, out.stderr
+            wait_done(pg_url, total)
     check_invariants(pg_url)
 
 
