@@ -181,7 +181,7 @@ def test_duplicate_celery_messages_make_one_proposal(pg_url, tmp_path, toy, brok
     _send_hints(broker, [(cid, 0) for cid in _chain_ids(pg_url) for _ in range(3)])
     with workers(Worker("dup@host", pg_url, broker, concurrency=8)):
         wait_done(pg_url, 4)
-        time.sleep(1.0)  # let the extra copies be consumed too
+        _wait_drained(broker)  # the extra copies were consumed (and acknowledged) too
     check_invariants(pg_url)
     assert steps_committed(pg_url) == 4 * 5
 
@@ -190,6 +190,15 @@ def test_worker_refuses_a_database_not_at_head(sqlite_url, broker):
     out = cli("worker", "--database", sqlite_url, env=broker.env(), timeout=60)
     assert out.returncode != 0
     assert "qalign db upgrade" in out.stderr
+
+
+def _wait_drained(broker, timeout=240):
+    """Wait until every message was taken and acknowledged: an empty queue and no entry in
+    kombu's unacked hash (an observable state, rather than a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while broker.queued() or broker.redis.hlen("unacked"):
+        assert time.monotonic() < deadline, "messages still queued or unacknowledged"
+        time.sleep(0.2)
 
 
 def _send_hints(broker, items):
@@ -247,10 +256,7 @@ def test_a_stale_redelivery_adopts_an_orphaned_chain(pg_url, tmp_path, toy, brok
     _send_hints(broker, [(orphan, 1), (live, 1)])  # redeliveries of a step both chains took
     with workers(Worker("adopt@host", pg_url, broker, concurrency=4)):
         wait_done(pg_url, 1)
-        deadline = time.monotonic() + 30
-        while broker.queued() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        time.sleep(1.0)
+        _wait_drained(broker)  # the live chain's redelivery was handled, not just waiting
     with sessions() as s:
         steps = dict(s.execute(select(Chain.id, Chain.current_step)).all())
     assert steps == {orphan: 5, live: 1}  # the orphan finished; the live chain was left alone
