@@ -630,7 +630,7 @@ def test_retry_failed_takes_effect(runner: Any, servers: Any) -> None:
         env = runner.broker.env()
         out = cli("sweep", "resume", name, "--database", runner.db_url, "--retry-failed", env=env)
         assert out.returncode == 0 and "enqueued 2" in out.stdout, out.stderr
-        runner.wait_settled(name, 120)
+        runner.wait_settled(name, 240)
     assert {c.status for c in chains(runner, name)} == {"done"}
 
 
@@ -662,11 +662,11 @@ def test_reaper_uses_each_sweeps_stall_timeout(celery_runner: CeleryRunner, serv
     env = run.broker.env()
     reaped = cli("sweep", "reap", "--database", run.db_url, env=env)
     assert reaped.returncode == 0 and "re-enqueued 1 " in reaped.stdout, reaped.stdout
-    run.wait_settled(names[60.0], 120)
+    run.wait_settled(names[60.0], 240)
     assert [c.status for c in chains(run, names[3600.0])] == ["pending"]
     forced = cli("sweep", "reap", "--database", run.db_url, "--stall-timeout", "0", env=env)
     assert forced.returncode == 0 and "re-enqueued 1 " in forced.stdout, forced.stdout
-    run.wait_settled(names[3600.0], 120)
+    run.wait_settled(names[3600.0], 240)
 
 
 def _write(tmp: Path, cfg: dict[str, Any]) -> Path:
@@ -701,7 +701,7 @@ def test_worker_flags_take_effect(
             assert broker.queued() == 0
             sent = cli("sweep", "run", name, "--database", celery_db, env=broker.env())
             assert "enqueued 6" in sent.stdout, sent.stderr
-            runner.wait_settled(name, 180)
+            runner.wait_settled(name, 240)
             received = [
                 ln
                 for ln in w.output().splitlines()
