@@ -12,7 +12,8 @@ touch the shared Redis at 6379 nor each other's keys. $QALIGN_BROKER_URL points 
 for the whole session: code that forgets to take a test's broker fails instead of using 6379.
 
 Temp files: `tests/tmpguard.py` points $TMPDIR at a session directory (removed at the end) and
-fails the session if something named like ours was left in the system temp folder.
+reports (with QALIGN_TMP_GUARD=fail, as scripts/test.sh sets: fails) the session if something
+named like ours was left in the system temp folder.
 """
 
 from __future__ import annotations
@@ -64,13 +65,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             + ", ".join(others[:20])
         )
     if ours:
+        strict = os.environ.get("QALIGN_TMP_GUARD") == "fail"
         if reporter is not None:
             reporter.write_line(
-                f"FAILED: the suite left {len(ours)} entries in {guard.system}: "
-                + ", ".join(ours[:20]),
-                red=True,
+                f"{'FAILED' if strict else 'warning'}: {len(ours)} qalign entries appeared in "
+                f"{guard.system} during the session (a leak, or another session on this "
+                "machine): " + ", ".join(ours[:20]),
+                red=strict,
+                yellow=not strict,
             )
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if strict:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,11 @@
 `start()` runs before any test: it makes one session directory in the system temp folder and
 points $TMPDIR (and `tempfile`) at it, so every temp file the suite or its subprocesses create
 lands there (pytest's own `tmp_path` directories included). `finish()` removes that directory
-and lists what else appeared in the system temp folder while the suite ran: entries named like
-ours ("qalign*") are leaks and fail the session; others are reported only, because other
-processes on a shared machine write there too.
+and lists what else appeared in the system temp folder while the suite ran. Entries named like
+ours ("qalign*") are leaks: they fail the session when $QALIGN_TMP_GUARD is "fail" (what
+scripts/test.sh sets) and are reported otherwise, because on a machine shared with other
+checkouts another test session can create the same names at the same time. Other new entries
+are only reported.
 """
 
 from __future__ import annotations
