@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,6 +51,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # Before any test or fixture: tmp_path and every subprocess inherit the session TMPDIR.
     _guard = tmpguard.start()
     os.environ["QALIGN_BROKER_URL"] = UNREACHABLE_BROKER
+    # Started as a background job of a non-interactive shell, pytest inherits SIGINT ignored and
+    # so would every `qalign run` it starts (Python keeps an inherited SIG_IGN): a test's Ctrl-C
+    # would then do nothing. A Python handler here is reset to the default in each child.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import threading
@@ -109,7 +110,10 @@ def test_redis_flushed_mid_run_then_resume_completes(pg_url, tmp_path, toy, brok
         _create(pg_url, tmp_path, cfg, broker)
         total = 16
         w = Worker("flushy@host", pg_url, broker, concurrency=4, log_dir=tmp_path)
-        with workers(w):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(workers(w))
+            # On the way out, open first: the worker's warm shutdown waits for held requests.
+            stack.callback(gate.open)
             sent = cli("sweep", "run", "flush", "--database", pg_url, env=broker.env())
             assert sent.returncode == 0, sent.stderr
             deadline = time.monotonic() + 300  # wide for a loaded machine
