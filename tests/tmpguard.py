@@ -44,6 +44,10 @@ def start() -> TmpGuard:
     system = Path(tempfile.gettempdir())
     before = set(os.listdir(system))
     session = Path(tempfile.mkdtemp(prefix="pytest-qalign-session-", dir=system))
+    # The same mode as /tmp: tests run some programs as another user (a private PostgreSQL
+    # cluster runs as `postgres` when the suite runs as root), and those must reach their own
+    # directories in here.
+    session.chmod(0o1777)
     guard = TmpGuard(system, session, before, os.environ.get("TMPDIR"))
     os.environ["TMPDIR"] = str(session)
     tempfile.tempdir = None  # gettempdir() caches; make it read $TMPDIR again
