@@ -68,12 +68,12 @@ def serve_in_background(app: web.Application) -> Iterator[str]:
 
     thread = threading.Thread(target=main, daemon=True)
     thread.start()
-    if not started.wait(10):
-        raise RuntimeError("the stub server did not start within 10 s")
+    if not started.wait(60):  # seconds on a quiet machine; a loaded one can be far slower
+        raise RuntimeError("the stub server did not start within 60 s")
     try:
         yield f"http://127.0.0.1:{box['port']}"
     finally:
-        asyncio.run_coroutine_threadsafe(box["runner"].cleanup(), loop).result(10)
+        asyncio.run_coroutine_threadsafe(box["runner"].cleanup(), loop).result(60)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
