@@ -306,9 +306,11 @@ class PrivatePostgres:
 class PrivateRedis:
     """A `redis-server` subprocess without persistence on its own port."""
 
-    def __init__(self, log: Path | None = None) -> None:
+    def __init__(self, log: Path | None = None, databases: int = 16) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}"
+        # Test sessions ask for many databases so that every test gets a fresh one.
+        self.databases = databases
         self.proc: subprocess.Popen[bytes] | None = None
         # Tests pass a file under their tmp_path; the benchmark keeps its log in the temp dir.
         self.log = log or Path(tempfile.mkstemp(prefix="qalign-chaos-redis-", suffix=".log")[1])
@@ -329,6 +331,8 @@ class PrivateRedis:
                 "no",
                 "--daemonize",
                 "no",
+                "--databases",
+                str(self.databases),
             ],
             stdout=self.log.open("a"),
             stderr=subprocess.STDOUT,

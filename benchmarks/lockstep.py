@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -34,6 +36,7 @@ MAX_NEW = 8
 
 def once(gen: str, rm: str, chains: int, steps: int, lockstep: bool) -> float:
     tmp = Path(tempfile.mkdtemp(prefix="qalign-lockstep-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # leave no temp files
     url = f"sqlite:///{tmp}/lock.sqlite"
     ensure_schema(url)
     sessions = make_sessionmaker(make_engine(url))

@@ -123,8 +123,13 @@ class Sampler:
         return n
 
     def slope(self, total: int) -> dict[str, float]:
+        # The 20%..80% window; on a loaded machine samples are sparse and one sample can jump
+        # past both marks, so the window then widens rather than dividing by zero steps.
         lo = next(p for p in self.points if p[2] >= 0.2 * total)
-        hi = next(p for p in self.points if p[2] >= 0.8 * total)
+        later = [p for p in self.points if p[2] > lo[2]]
+        hi = next((p for p in later if p[2] >= 0.8 * total), later[-1] if later else None)
+        if hi is None:
+            lo, hi = self.points[0], self.points[-1]
         steps = hi[2] - lo[2]
         return {
             "window_steps": steps,

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
 from collections import defaultdict
@@ -102,6 +104,7 @@ def config(name: str, method: str, gen: str, rm: str, chains: int, steps: int) -
 
 def run(samples: int, chains: int, steps: int) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="qalign-overopt-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # leave no temp files
     url = f"sqlite:///{tmp}/overopt.sqlite"
     ensure_schema(url)
     sessions = make_sessionmaker(make_engine(url))

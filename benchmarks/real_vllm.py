@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import datetime as dt
 import json
@@ -43,6 +44,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -410,6 +412,7 @@ def one_rep(
     same requests (vLLM's seeded sampling reproduces the tokens); odd reps therefore replay the
     previous rep's requests BEFORE their sweep, which cancels a linear drift of the box's load."""
     tmp = Path(tempfile.mkdtemp(prefix="qalign-realvllm-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # leave no temp files
     cfg = sweep_config(
         "real-sat", args.prompts, args.chains, args.steps, args.max_new_tokens, args.concurrency
     )

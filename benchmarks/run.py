@@ -4,7 +4,9 @@
     .venv/bin/python benchmarks/run.py --quick    # every benchmark's smoke variant (< 10 min)
 
 `--only a,b` picks benchmarks by name, `--out DIR` sends every result file to DIR (CI uses a
-temporary one so the committed results stay untouched). Benchmarks that need the real vLLM
+temporary one so the committed results stay untouched). The test suite runs each quick benchmark
+on its own (`--quick --only NAME`, tests/test_benchmarks_smoke.py) except `chaos` (its own test)
+and `real_vllm` (run it here). Benchmarks that need the real vLLM
 servers are skipped with a reason when `~/.cache/qalign/realsrv` is not set up
 (`bash scripts/real-servers/setup.sh vllm`). Exits non-zero if any benchmark fails or writes
 no result file; `summary.json` in the output directory lists command, seconds and files.

@@ -34,12 +34,14 @@ benchmarks/results/saturation[-quick].json.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import datetime as dt
 import json
 import multiprocessing as mp
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -195,6 +197,7 @@ def pg_drop(name: str) -> None:
 
 def measure_run(gen: str, rm: str, chains: int, steps: int, max_new: int) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="qalign-sat-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # leave no temp files
     url = f"sqlite:///{tmp}/sat.sqlite"
     cfg = tmp / "sat.yaml"
     cfg.write_text(yaml.safe_dump(sweep_config("sat", gen, rm, chains, steps, max_new)))
@@ -211,6 +214,7 @@ def measure_celery(
     import redis
 
     tmp = Path(tempfile.mkdtemp(prefix="qalign-sat-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # leave no temp files
     dbname, url = pg_db()
     queue = f"qalign-sat-{uuid.uuid4().hex[:8]}"
     env = {"QALIGN_BROKER_URL": REDIS, "QALIGN_QUEUE": queue, "QALIGN_DATABASE_URL": url}

@@ -31,12 +31,14 @@ writes benchmarks/results/scale[-quick].json.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import datetime as dt
 import json
 import os
 import platform
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -167,6 +169,7 @@ class Child:
 def run_cli(*args: str, env: dict[str, str], timeout: float = 3600) -> Child:
     """Run `qalign ARGS` to completion; its stdout (pipe read after exit) is small."""
     log = Path(tempfile.mkstemp(prefix="qalign-scale-", suffix=".log")[1])
+    atexit.register(log.unlink, missing_ok=True)  # leave no temp files
     child = Child(list(args), env, log=log)
     deadline = time.monotonic() + timeout
     while not child.reap(block=False):
@@ -528,6 +531,7 @@ def main() -> None:
     )
 
     tmp = Path(tempfile.mkdtemp(prefix="qalign-scale-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # leave no temp files
     dbname, url, pg_url = pg_db()
     queue = f"qalign-scale-{uuid.uuid4().hex[:8]}"
     env = {

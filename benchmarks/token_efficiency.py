@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
+import shutil
 import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -39,7 +41,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     chains, steps, max_new = (32, 8, 6) if args.quick else (128, 30, 6)
-    url = f"sqlite:///{tempfile.mkdtemp(prefix='qalign-tokeff-')}/t.sqlite"
+    tmp = tempfile.mkdtemp(prefix="qalign-tokeff-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # leave no temp files
+    url = f"sqlite:///{tmp}/t.sqlite"
     ensure_schema(url)
     sessions = make_sessionmaker(make_engine(url))
     with (

@@ -11,4 +11,6 @@ bash scripts/real-servers/setup.sh all
 .venv/bin/ruff format --check .
 .venv/bin/mypy
 export QALIGN_REQUIRE_REAL_SERVERS="${QALIGN_REQUIRE_REAL_SERVERS:-1}"
+# A qalign* file left in the system temp folder fails the session (tests/tmpguard.py).
+export QALIGN_TMP_GUARD="${QALIGN_TMP_GUARD:-fail}"
 exec .venv/bin/pytest "$@"

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -60,11 +61,12 @@ def write_config(tmp: Path, cfg: dict[str, Any]) -> Path:
 
 
 class Broker:
-    """An isolated Redis database + queue name for one test (on `server`, default the local
-    Redis at 6379)."""
+    """A Redis database + queue name on `server`, a redis-server the caller started for itself
+    (the session's `redis_server`, or a test's own `PrivateRedis`); never the shared 6379 one.
+    Without `db` a random one of 1..15 is used."""
 
-    def __init__(self, server: str = "redis://127.0.0.1:6379") -> None:
-        self.db = 1 + uuid.uuid4().int % 15
+    def __init__(self, server: str, db: int | None = None) -> None:
+        self.db = 1 + uuid.uuid4().int % 15 if db is None else db
         self.url = f"{server}/{self.db}"
         self.queue = f"qalign-test-{uuid.uuid4().hex[:8]}"
         self.redis = redis.Redis.from_url(self.url)
@@ -73,6 +75,7 @@ class Broker:
         return {"QALIGN_BROKER_URL": self.url, "QALIGN_QUEUE": self.queue}
 
     def flush(self) -> None:
+        """Empty this broker's queue and Celery's unacked bookkeeping (in its own database)."""
         self.redis.delete(self.queue, "unacked", "unacked_index")
 
     def queued(self) -> int:
@@ -109,10 +112,12 @@ class Worker:
         concurrency: int = 16,
         env: dict[str, str] | None = None,
         args: tuple[str, ...] = (),
-        log_dir: Path | None = None,  # default /tmp; tests that keep files in tmp_path pass it
+        log_dir: Path | None = None,  # default: the temp dir (the session's, under pytest)
     ) -> None:
         self.name = name
-        self.log = (log_dir or Path("/tmp")) / f"qalign-{name}-{uuid.uuid4().hex[:6]}.log"
+        self.log = (
+            log_dir or Path(tempfile.gettempdir())
+        ) / f"qalign-{name}-{uuid.uuid4().hex[:6]}.log"
         self.proc = subprocess.Popen(
             [
                 *QALIGN,
@@ -152,7 +157,9 @@ def workers(*items: Worker) -> Iterator[tuple[Worker, ...]]:
             w.kill(signal.SIGTERM if w.proc.poll() is None else signal.SIGKILL)
 
 
-def wait_done(db_url: str, expected_chains: int, timeout: float = 180.0) -> None:
+def wait_done(db_url: str, expected_chains: int, timeout: float = 300.0) -> None:
+    """Wait until `expected_chains` chains are done. The default is wide for a loaded machine
+    and still well under pytest's 600 s per test."""
     sessions = make_sessionmaker(make_engine(db_url))
     deadline = time.monotonic() + timeout
     done = 0

@@ -3,8 +3,10 @@ server answers, and empty, newer-schema or wrongly named databases."""
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
+import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -60,7 +62,9 @@ def assert_clean_failure(result: Result) -> str:
 
 # ---- configs -------------------------------------------------------------------------------
 
+# Module-level (hypothesis examples cannot use function-scoped tmp_path); removed at exit.
 _WORK = Path(tempfile.mkdtemp(prefix="qalign-fuzz-"))
+atexit.register(shutil.rmtree, _WORK, ignore_errors=True)
 _DB = f"sqlite:///{_WORK / 'fuzz.sqlite'}"
 ensure_schema(_DB)
 

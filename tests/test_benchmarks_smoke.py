@@ -1,40 +1,69 @@
-"""The benchmark harness in its quick form: every benchmark completes and writes its results.
+"""The benchmark harness in its quick form: each quick benchmark completes and writes results.
 
 Asserts nothing about the figures (those live in benchmarks/RESULTS.md); this only keeps the
-harness runnable. The chaos run is left out here because its short form is its own CI test.
+harness runnable. One test per benchmark, each through `benchmarks/run.py --quick --only NAME`,
+so each gets its own time budget under pytest's 600 s. Left out: `chaos` (its short form is
+tests/test_chaos.py) and `real_vllm` (minutes of GPU-less vLLM start-up; tests/test_real_vllm.py
+covers the servers, and `benchmarks/run.py --only real_vllm` still runs it).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.sweeps_support import Broker
+
 ROOT = Path(__file__).resolve().parents[1]
+SLOW = {"chaos", "real_vllm"}
+# The subprocess gets less than pytest's 600 s so a slow benchmark fails with its output.
+BUDGET = 540
 
 
-def test_quick_benchmark_harness_completes_and_writes_results(tmp_path: Path) -> None:
+def _quick_benchmarks() -> list[str]:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         from run import BENCHMARKS
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    names = [name for name, _, _ in BENCHMARKS if name != "chaos"]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(tmp_path),
-         "--only", ",".join(names)],
-        capture_output=True, text=True, timeout=1200, cwd=ROOT,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    entries = {e["benchmark"]: e for e in summary["benchmarks"]}
-    assert set(entries) == set(names)
-    for entry in entries.values():
-        if entry["status"] == "skipped":
-            assert os.environ.get("QALIGN_REQUIRE_REAL_SERVERS") != "1", entry
-            continue
-        assert entry["status"] == "ok" and entry["files"], entry
-        for file in entry["files"]:
-            json.loads((tmp_path / file).read_text())  # complete, parseable JSON
+    return [name for name, _, _ in BENCHMARKS if name not in SLOW]
+
+
+@pytest.mark.parametrize("name", _quick_benchmarks())
+def test_quick_benchmark_completes_and_writes_results(
+    name: str, tmp_path: Path, broker: Broker
+) -> None:
+    out = tmp_path / "out"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {
+        **os.environ,
+        # The benchmarks' Celery runs use this test's database of the session's own Redis.
+        "QALIGN_BENCH_REDIS": broker.url,
+        # Whatever a benchmark puts in the temp dir stays in this test's tmp_path.
+        "TMPDIR": str(scratch),
+    }
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(out),
+           "--only", name]  # fmt: skip
+    # Its own process group: on timeout the benchmark run.py started is killed with it.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=ROOT, env=env, start_new_session=True)  # fmt: skip
+    try:
+        output, _ = proc.communicate(timeout=BUDGET)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{name} --quick took over {BUDGET} s:\n{output[-4000:]}")
+    assert proc.returncode == 0, output[-8000:]
+    summary = json.loads((out / "summary.json").read_text())
+    (entry,) = summary["benchmarks"]
+    assert entry["benchmark"] == name
+    assert entry["status"] == "ok" and entry["files"], entry
+    for file in entry["files"]:
+        json.loads((out / file).read_text())  # complete, parseable JSON

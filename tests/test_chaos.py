@@ -16,7 +16,6 @@ from benchmarks import chaos
 from qalign.storage.migrate import upgrade
 from qalign.toy.server import ToyServerOptions, serve_in_thread
 from tests.sweeps_support import (
-    Broker,
     Worker,
     check_invariants,
     cli,
@@ -28,7 +27,7 @@ from tests.sweeps_support import (
 )
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(540)  # the short chaos plan, with room for a loaded 2-core machine
 def test_chaos_run_short_form_loses_nothing_and_stays_exact():
     report = chaos.run(chaos.SHORT, log=lambda line: print(line, flush=True))
     print(report.table())
@@ -37,14 +36,6 @@ def test_chaos_run_short_form_loses_nothing_and_stays_exact():
     assert report.steps_committed == report.steps_expected
     for kind in chaos.KINDS:
         assert report.injected[kind] >= 1, kind
-
-
-@pytest.fixture
-def broker():
-    b = Broker()
-    b.flush()
-    yield b
-    b.flush()
 
 
 def test_sigterm_finishes_in_flight_steps_and_a_second_worker_takes_over(pg_url, tmp_path, broker):
@@ -62,11 +53,14 @@ def test_sigterm_finishes_in_flight_steps_and_a_second_worker_takes_over(pg_url,
         with workers(first):
             out = cli("sweep", "run", "graceful", "--database", pg_url, env=broker.env())
             assert out.returncode == 0, out.stderr
-            deadline = time.monotonic() + 90
+            deadline = time.monotonic() + 240
             while steps_committed(pg_url) < 4 and time.monotonic() < deadline:
                 time.sleep(0.1)
-            in_flight = g.metrics()["running_sequences"]
-            assert in_flight > 0  # the worker is mid-step against the 1 s generator
+            # SIGTERM only while the worker is mid-step against the 1 s generator (observed,
+            # not assumed: a loaded machine can pause between steps).
+            while g.metrics()["running_sequences"] == 0:
+                assert time.monotonic() < deadline, first.output()[-2000:]
+                time.sleep(0.05)
             before = steps_committed(pg_url)
             first.kill(signal.SIGTERM)
             assert first.proc.returncode == 0, first.output()[-2000:]
@@ -78,7 +72,7 @@ def test_sigterm_finishes_in_flight_steps_and_a_second_worker_takes_over(pg_url,
         assert steps_committed(pg_url) < 12 * 4  # the sweep was not finished by the first worker
         # no reap, no resume: what the first worker released is still in the broker
         with workers(Worker("arriving@host", pg_url, broker, concurrency=6)):
-            wait_done(pg_url, 12, timeout=120)
+            wait_done(pg_url, 12, timeout=300)
     check_invariants(pg_url)
 
 
@@ -125,7 +119,7 @@ def test_worker_started_while_the_database_restarts_waits_for_it(broker):
         pg.stop("immediate")
         w = Worker("patient@host", pg.url, broker, concurrency=1)
         with workers(w):
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 300  # both waits share it; a loaded machine is slow
             while "waiting for the database" not in w.output() and time.monotonic() < deadline:
                 assert w.proc.poll() is None, w.output()
                 time.sleep(0.2)

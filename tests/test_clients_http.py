@@ -125,7 +125,7 @@ async def test_503_then_success_is_retried_and_counted() -> None:
 
 
 async def test_read_timeout_then_retry_succeeds() -> None:
-    h = Script(delay_first=1.0)
+    h = Script(delay_first=4.0)  # far above the bound below, so a loaded machine still fits
     settings = HttpSettings(
         connect_timeout=1.0, read_timeout=0.2, max_retries=3, backoff_initial=0.01
     )
@@ -135,7 +135,7 @@ async def test_read_timeout_then_retry_succeeds() -> None:
         reply = await pool.request("GET", "/slow", parse=ident)
         assert reply.value == {"ok": True}
         assert pool.attempts == 2 and pool.retries == 1
-        assert time.monotonic() - t0 < 1.0  # the first attempt was cut by sock_read
+        assert time.monotonic() - t0 < 3.0  # the first attempt was cut by sock_read
 
 
 async def test_400_nested_error_not_retried_and_message_kept() -> None:

@@ -32,7 +32,7 @@ def run_quickstart() -> dict:
         [sys.executable, "-c", RUNNER, str(QUICKSTART)],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=540,  # under pytest's 600 s, so a hang fails here with the script's output
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

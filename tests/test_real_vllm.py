@@ -162,7 +162,7 @@ def test_small_gsm8k_sweep_through_eval_and_report(servers, tmp_path):
     for name, cfg in sweeps.items():
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump({"name": name, **cfg}))
-        out = cli("run", str(path), "--database", db, "--quiet", timeout=900)
+        out = cli("run", str(path), "--database", db, "--quiet", timeout=540)  # < pytest's 600
         assert out.returncode == 0, out.stderr[-3000:]
     out = cli("eval", "real-bon", "real-qalign", "--database", db)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -48,16 +48,6 @@ def set_faults(url: str, **changes: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def private_redis() -> Iterator[PrivateRedis]:
-    rd = PrivateRedis()
-    rd.start()
-    try:
-        yield rd
-    finally:
-        rd.kill()
-
-
-@pytest.fixture(scope="module")
 def celery_db(pg_admin: Engine) -> Iterator[str]:
     from sqlalchemy import make_url
 
@@ -76,12 +66,16 @@ def celery_db(pg_admin: Engine) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def celery_runner(
-    celery_db: str, private_redis: PrivateRedis, tmp_path_factory: pytest.TempPathFactory
+    celery_db: str, redis_server: PrivateRedis, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[CeleryRunner]:
     upgrade(celery_db)
-    broker = Broker(private_redis.url)
+    # A database of the session's own Redis that this module keeps for itself (not a test's
+    # number: the worker lives as long as the module).
+    broker = Broker(redis_server.url, db=redis_server.databases - 1)
+    broker.redis.flushdb()
     logs = tmp_path_factory.mktemp("worker")
-    worker = Worker("runner@host", celery_db, broker, concurrency=8, env={KEY_ENV: KEY})
+    worker = Worker("runner@host", celery_db, broker, concurrency=8, env={KEY_ENV: KEY},
+                    log_dir=logs)  # fmt: skip
     with workers(worker):
         yield CeleryRunner(celery_db, logs, broker, worker, env={KEY_ENV: KEY})
 
@@ -636,7 +630,7 @@ def test_retry_failed_takes_effect(runner: Any, servers: Any) -> None:
         env = runner.broker.env()
         out = cli("sweep", "resume", name, "--database", runner.db_url, "--retry-failed", env=env)
         assert out.returncode == 0 and "enqueued 2" in out.stdout, out.stderr
-        runner.wait_settled(name, 120)
+        runner.wait_settled(name, 240)
     assert {c.status for c in chains(runner, name)} == {"done"}
 
 
@@ -668,11 +662,11 @@ def test_reaper_uses_each_sweeps_stall_timeout(celery_runner: CeleryRunner, serv
     env = run.broker.env()
     reaped = cli("sweep", "reap", "--database", run.db_url, env=env)
     assert reaped.returncode == 0 and "re-enqueued 1 " in reaped.stdout, reaped.stdout
-    run.wait_settled(names[60.0], 120)
+    run.wait_settled(names[60.0], 240)
     assert [c.status for c in chains(run, names[3600.0])] == ["pending"]
     forced = cli("sweep", "reap", "--database", run.db_url, "--stall-timeout", "0", env=env)
     assert forced.returncode == 0 and "re-enqueued 1 " in forced.stdout, forced.stdout
-    run.wait_settled(names[3600.0], 120)
+    run.wait_settled(names[3600.0], 240)
 
 
 def _write(tmp: Path, cfg: dict[str, Any]) -> Path:
@@ -682,7 +676,7 @@ def _write(tmp: Path, cfg: dict[str, Any]) -> Path:
 
 
 def test_worker_flags_take_effect(
-    servers: Any, celery_db: str, private_redis: PrivateRedis, tmp_path: Path
+    servers: Any, celery_db: str, broker: Broker, tmp_path: Path
 ) -> None:
     """`qalign worker --concurrency` caps the worker's threads, --queue chooses what it
     consumes, and --task-budget bounds how long a task keeps a chain."""
@@ -690,7 +684,6 @@ def test_worker_flags_take_effect(
 
     slow = ToyServerOptions(served_model_names=("toy-lm",), port=0, latency_base=0.2)
     _, r = servers
-    broker = Broker(private_redis.url)
     other_queue = broker.env() | {"QALIGN_QUEUE": broker.queue + "-other"}
     with serve_in_thread(slow) as g:
         name = f"wflags-{secrets.token_hex(3)}"
@@ -701,14 +694,14 @@ def test_worker_flags_take_effect(
         sent = cli("sweep", "run", name, "--database", celery_db, env=other_queue)
         assert "enqueued 6" in sent.stdout, sent.stderr
         w = Worker("flags@host", celery_db, broker, concurrency=2,
-                   args=("--task-budget", "0.001"))  # fmt: skip
+                   args=("--task-budget", "0.001"), log_dir=tmp_path)  # fmt: skip
         with workers(w):
             # the worker consumes its own queue only: nothing moves until its queue gets hints
             runner = CeleryRunner(celery_db, tmp_path, broker, w)
             assert broker.queued() == 0
             sent = cli("sweep", "run", name, "--database", celery_db, env=broker.env())
             assert "enqueued 6" in sent.stdout, sent.stderr
-            runner.wait_settled(name, 180)
+            runner.wait_settled(name, 240)
             received = [
                 ln
                 for ln in w.output().splitlines()
@@ -725,7 +718,7 @@ def test_worker_flags_take_effect(
 
     leftover = redis_lib.Redis.from_url(broker.url)
     assert leftover.llen(broker.queue + "-other") == 6  # never consumed by this worker
-    leftover.delete(broker.queue + "-other")
+    leftover.close()  # the `broker` fixture empties its database
 
 
 # ---- a step's trouble stays that chain's ---------------------------------------------------

@@ -77,7 +77,7 @@ def _parquet_text(folder: Path) -> str:
     return json.dumps(tables, default=str)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(540)
 def test_an_echoing_server_cannot_leak_the_key_anywhere(
     tmp_path: Path, toy: tuple[str, str]
 ) -> None:
@@ -135,7 +135,7 @@ def test_an_echoing_server_cannot_leak_the_key_anywhere(
     assert marker in places["qalign run output"]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(540)
 def test_a_worker_logs_and_records_the_echo_masked(
     pg_url: str, tmp_path: Path, toy: tuple[str, str]
 ) -> None:
@@ -178,7 +178,7 @@ def test_a_worker_logs_and_records_the_echo_masked(
     assert f"Authorization: Bearer {MASK}" in json.dumps(json.loads(status_json.stdout))
 
 
-def _wait_all_failed(db_url: str, chains: int, worker: Worker, timeout: float = 120) -> None:
+def _wait_all_failed(db_url: str, chains: int, worker: Worker, timeout: float = 300) -> None:
     sessions = make_sessionmaker(make_engine(db_url))
     deadline = time.monotonic() + timeout
     while True:

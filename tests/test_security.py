@@ -60,9 +60,8 @@ def test_app_accepts_only_json() -> None:
 
 
 def test_pickled_message_is_refused_when_decoded_with_the_apps_accept_list(
-    tmp_path: Path,
+    tmp_path: Path, broker: Broker
 ) -> None:
-    broker = Broker()
     app = celery_app(BrokerSettings(url=broker.url, queue=broker.queue))
     marker = tmp_path / "unpickled"
     queue = Queue(broker.queue, Exchange(broker.queue), routing_key=broker.queue)
@@ -92,7 +91,7 @@ def test_pickled_message_is_refused_when_decoded_with_the_apps_accept_list(
 
 
 def test_worker_refuses_a_pickled_step_and_runs_a_json_one(
-    pg_url: str, tmp_path: Path, toy: tuple[str, str]
+    pg_url: str, tmp_path: Path, toy: tuple[str, str], broker: Broker
 ) -> None:
     # Trust authentication ignores the password, so it only tests that logs never show it.
     db_url = make_url(pg_url).set(password="W0rkerDbPW").render_as_string(hide_password=False)
@@ -102,13 +101,14 @@ def test_worker_refuses_a_pickled_step_and_runs_a_json_one(
     create_sweep(sessions, cfg, check=False)
     with sessions() as s:
         chain_id = s.execute(select(Chain.id)).scalar_one()
-    broker = Broker()
     app = celery_app(BrokerSettings(url=broker.url, queue=broker.queue))
     marker = tmp_path / "unpickled"
     try:
-        with workers(Worker("qalign-pickle", db_url, broker, concurrency=2)) as (worker,):
+        worker = Worker("qalign-pickle", db_url, broker, concurrency=2, log_dir=tmp_path)
+        with workers(worker):
             app.send_task(STEP_TASK, args=[_Payload(marker), 0], serializer="pickle")
-            deadline = time.monotonic() + 60
+            # Wide: a loaded machine may take minutes to start a worker (still < pytest's 600 s).
+            deadline = time.monotonic() + 300
             while "Refusing to deserialize untrusted content" not in worker.output():
                 assert time.monotonic() < deadline, worker.output()
                 assert worker.proc.poll() is None, worker.output()
@@ -119,7 +119,7 @@ def test_worker_refuses_a_pickled_step_and_runs_a_json_one(
                 assert s.execute(select(Proposal.id)).first() is None
             # The same worker executes a JSON message for the same step.
             app.send_task(STEP_TASK, args=[chain_id, 0])
-            wait_done(db_url, 1, timeout=60)
+            wait_done(db_url, 1, timeout=240)
             log = worker.output()
     finally:
         broker.flush()

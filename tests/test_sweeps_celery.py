@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import threading
@@ -27,8 +28,8 @@ from qalign.toy.exact import (
     tv_bound,
 )
 from qalign.toy.model import ToyModel
+from tests.stub_servers import Gate, proxy_app, serve_in_background
 from tests.sweeps_support import (
-    Broker,
     Worker,
     check_invariants,
     cli,
@@ -38,14 +39,6 @@ from tests.sweeps_support import (
     workers,
     write_config,
 )
-
-
-@pytest.fixture
-def broker():
-    b = Broker()
-    b.flush()
-    yield b
-    b.flush()
 
 
 def _create(db_url, tmp_path, cfg, broker):
@@ -90,7 +83,7 @@ def test_sigkilled_worker_loses_nothing_and_sampling_stays_exact(pg_url, tmp_pat
     first = Worker("victim@host", pg_url, broker, concurrency=16)
     with workers(first):
         assert cli("sweep", "run", "crash", "--database", pg_url, env=broker.env()).returncode == 0
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240
         while steps_committed(pg_url) < n * (k + 1) // 3 and time.monotonic() < deadline:
             time.sleep(0.2)
         first.kill()  # SIGKILL mid-sweep: in-flight and prefetched steps die with it
@@ -108,20 +101,32 @@ def test_sigkilled_worker_loses_nothing_and_sampling_stays_exact(pg_url, tmp_pat
 
 
 def test_redis_flushed_mid_run_then_resume_completes(pg_url, tmp_path, toy, broker):
-    cfg = sweep_config("flush", *toy, prompts=4, beta=1.0, steps=8, chains=4)
-    _create(pg_url, tmp_path, cfg, broker)
-    total = 16
-    w = Worker("flushy@host", pg_url, broker, concurrency=4)
-    with workers(w):
-        assert cli("sweep", "run", "flush", "--database", pg_url, env=broker.env()).returncode == 0
-        while steps_committed(pg_url) < 20:
-            time.sleep(0.05)
-        broker.flush()  # the broker loses every message of this sweep (queue and unacked)
-        time.sleep(2.0)
-        assert steps_committed(pg_url) < total * 9
-        out = cli("sweep", "resume", "flush", "--database", pg_url, env=broker.env())
-        assert out.returncode == 0, out.stderr
-        wait_done(pg_url, total)
+    # A gate passes 40 of the 144 generations and holds the rest until the broker was flushed:
+    # the flush always lands mid-sweep, however fast or slow the machine is.
+    gate = Gate(allow=40)
+    with serve_in_background(proxy_app(toy[0], gate=gate)) as gated:
+        cfg = sweep_config("flush", gated, toy[1], prompts=4, beta=1.0, steps=8, chains=4)
+        cfg["generator"]["timeout"] = 300  # held requests wait for the gate, not a retry
+        _create(pg_url, tmp_path, cfg, broker)
+        total = 16
+        w = Worker("flushy@host", pg_url, broker, concurrency=4, log_dir=tmp_path)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(workers(w))
+            # On the way out, open first: the worker's warm shutdown waits for held requests.
+            stack.callback(gate.open)
+            sent = cli("sweep", "run", "flush", "--database", pg_url, env=broker.env())
+            assert sent.returncode == 0, sent.stderr
+            deadline = time.monotonic() + 300  # wide for a loaded machine
+            while steps_committed(pg_url) < 20:
+                assert w.proc.poll() is None, w.output()[-4000:]
+                assert time.monotonic() < deadline, w.output()[-4000:]
+                time.sleep(0.05)
+            broker.flush()  # the broker loses every message of this sweep (queue and unacked)
+            assert steps_committed(pg_url) <= 40 < total * 9
+            gate.open()
+            out = cli("sweep", "resume", "flush", "--database", pg_url, env=broker.env())
+            assert out.returncode == 0, out.stderr
+            wait_done(pg_url, total)
     check_invariants(pg_url)
 
 
@@ -180,7 +185,7 @@ def test_duplicate_celery_messages_make_one_proposal(pg_url, tmp_path, toy, brok
     _send_hints(broker, [(cid, 0) for cid in _chain_ids(pg_url) for _ in range(3)])
     with workers(Worker("dup@host", pg_url, broker, concurrency=8)):
         wait_done(pg_url, 4)
-        time.sleep(1.0)  # let the extra copies be consumed too
+        _wait_drained(broker)  # the extra copies were consumed (and acknowledged) too
     check_invariants(pg_url)
     assert steps_committed(pg_url) == 4 * 5
 
@@ -189,6 +194,15 @@ def test_worker_refuses_a_database_not_at_head(sqlite_url, broker):
     out = cli("worker", "--database", sqlite_url, env=broker.env(), timeout=60)
     assert out.returncode != 0
     assert "qalign db upgrade" in out.stderr
+
+
+def _wait_drained(broker, timeout=240):
+    """Wait until every message was taken and acknowledged: an empty queue and no entry in
+    kombu's unacked hash (an observable state, rather than a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while broker.queued() or broker.redis.hlen("unacked"):
+        assert time.monotonic() < deadline, "messages still queued or unacknowledged"
+        time.sleep(0.2)
 
 
 def _send_hints(broker, items):
@@ -246,10 +260,7 @@ def test_a_stale_redelivery_adopts_an_orphaned_chain(pg_url, tmp_path, toy, brok
     _send_hints(broker, [(orphan, 1), (live, 1)])  # redeliveries of a step both chains took
     with workers(Worker("adopt@host", pg_url, broker, concurrency=4)):
         wait_done(pg_url, 1)
-        deadline = time.monotonic() + 30
-        while broker.queued() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        time.sleep(1.0)
+        _wait_drained(broker)  # the live chain's redelivery was handled, not just waiting
     with sessions() as s:
         steps = dict(s.execute(select(Chain.id, Chain.current_step)).all())
     assert steps == {orphan: 5, live: 1}  # the orphan finished; the live chain was left alone

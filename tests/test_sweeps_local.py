@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ from qalign.scheduler.sweeps import create_sweep
 from qalign.storage.engine import make_engine, make_sessionmaker
 from qalign.storage.migrate import upgrade
 from qalign.storage.models import Sweep
-from qalign.toy.server import ToyServerOptions, serve_in_thread
+from tests.stub_servers import Gate, proxy_app, serve_in_background
 from tests.sweeps_support import (
     QALIGN,
     ROOT,
@@ -43,13 +44,15 @@ def test_qalign_run_on_sqlite_and_rerun_resumes(sqlite_url, tmp_path, toy):
     assert steps_committed(sqlite_url) == 32 * 11
 
 
-def test_interrupted_run_resumes_where_it_stopped(sqlite_url, tmp_path):
-    slow = ToyServerOptions(served_model_names=("toy-lm",), port=0, latency_base=0.02)
-    with (
-        serve_in_thread(slow) as g,
-        serve_in_thread(ToyServerOptions(served_model_names=("toy-rm",), port=0)) as r,
-    ):
-        cfg = sweep_config("interrupt", g.url, r.url, prompts=4, beta=1.0, steps=12, chains=4)
+def test_interrupted_run_resumes_where_it_stopped(sqlite_url, tmp_path, toy):
+    # The generator sits behind a gate that passes 60 of the 208 generations the sweep needs
+    # and holds the rest, so the run cannot finish before the interrupt, however fast or slow
+    # the machine; the interrupt is sent once 40 committed steps are seen in the database.
+    gen_url, rm_url = toy
+    gate = Gate(allow=60)
+    with serve_in_background(proxy_app(gen_url, gate=gate)) as gated:
+        cfg = sweep_config("interrupt", gated, rm_url, prompts=4, beta=1.0, steps=12, chains=4)
+        cfg["generator"]["timeout"] = 300  # held requests wait for the signal, not a retry
         path = write_config(tmp_path, cfg)
         proc = subprocess.Popen(
             [*QALIGN, "run", str(path), "--database", sqlite_url, "--quiet"],
@@ -58,21 +61,27 @@ def test_interrupted_run_resumes_where_it_stopped(sqlite_url, tmp_path):
             stderr=subprocess.PIPE,
             text=True,
         )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if os.path.exists(sqlite_url.removeprefix("sqlite:///")):
-                try:
-                    if steps_committed(sqlite_url) >= 40:
-                        break
-                except Exception:
-                    pass
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode != 0
+        try:
+            deadline = time.monotonic() + 300  # wide for a loaded machine, < pytest's 600 s
+            committed = 0
+            while committed < 40:
+                assert proc.poll() is None, proc.communicate()[1]
+                assert time.monotonic() < deadline, f"only {committed} steps in 300 s"
+                time.sleep(0.2)
+                if os.path.exists(sqlite_url.removeprefix("sqlite:///")):
+                    with contextlib.suppress(Exception):  # the schema may not exist yet
+                        committed = steps_committed(sqlite_url)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+            gate.open()  # held requests end, so the proxy can shut down
+        assert proc.returncode != 0, err
         assert "run the same command again" in err
         partial = steps_committed(sqlite_url)
-        assert 40 <= partial < 16 * 13
+        assert 40 <= partial <= 60 < 16 * 13  # no more than the gate let through
         out = cli("run", str(path), "--database", sqlite_url, "--quiet")
         assert out.returncode == 0, out.stderr
     check_invariants(sqlite_url)

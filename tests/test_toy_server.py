@@ -605,7 +605,8 @@ def test_malformed_and_nan_reward_answers() -> None:
 def test_fast_start_and_port_rebind() -> None:
     start = time.perf_counter()
     with serve_in_thread(ToyServerOptions(port=0)) as h:
-        assert time.perf_counter() - start < 0.2
+        # "Fast" with room for a loaded 2-core machine (it takes ~10 ms on a quiet one).
+        assert time.perf_counter() - start < 2.0
         port = h.port
         assert h.url == f"http://127.0.0.1:{port}"
         ok(h.url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
