@@ -614,42 +614,18 @@ def _inject(
         time.sleep(1.0)
         pg.start()
         return {"what": f"{mode}, down 1 s"}
-    if kind == "gen503":
-        before = set_faults(gen_url, error_rate=1.0)["injected"].get("error", 0)
-        return {
-            "window": True,
-            "url": gen_url,
-            "key": "error",
-            "before": before,
-            "reset": {"error_rate": 0.0},
-        }
-    if kind == "hang":
-        before = set_faults(gen_url, hang_rate=0.3, hang_seconds=8.0)["injected"].get("hang", 0)
-        return {
-            "window": True,
-            "url": gen_url,
-            "key": "hang",
-            "before": before,
-            "reset": {"hang_rate": 0.0},
-        }
-    if kind == "malformed":
-        before = set_faults(rm_url, malformed_rate=0.5)["injected"].get("malformed", 0)
-        return {
-            "window": True,
-            "url": rm_url,
-            "key": "malformed",
-            "before": before,
-            "reset": {"malformed_rate": 0.0},
-        }
-    if kind == "nan":
-        before = set_faults(rm_url, nan_rate=plan.nan_rate)["injected"].get("nan", 0)
-        return {
-            "window": True,
-            "url": rm_url,
-            "key": "nan",
-            "before": before,
-            "reset": {"nan_rate": 0.0},
-        }
+    windows = {
+        # kind: (server, switches while open, the server's counter of that fault)
+        "gen503": (gen_url, {"error_rate": 1.0}, "error"),
+        "hang": (gen_url, {"hang_rate": 0.3, "hang_seconds": 8.0}, "hang"),
+        "malformed": (rm_url, {"malformed_rate": 0.5}, "malformed"),
+        "nan": (rm_url, {"nan_rate": plan.nan_rate}, "nan"),
+    }
+    if kind in windows:
+        url, switches, key = windows[kind]
+        before = set_faults(url, **switches)["injected"].get(key, 0)
+        rate = next(name for name in switches if name.endswith("_rate"))
+        return {"window": True, "url": url, "key": key, "before": before, "reset": {rate: 0.0}}
     raise ValueError(f"unknown fault kind {kind!r}")
 
 

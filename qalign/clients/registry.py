@@ -16,6 +16,15 @@ from qalign.clients.spec import GeneratorSpec, RewardSpec
 C = TypeVar("C")
 
 
+def _http(spec: GeneratorSpec | RewardSpec) -> HttpSettings:
+    # the key is read when the client is built, so a rotated key file takes effect on restart
+    return HttpSettings(
+        total_timeout=spec.timeout,
+        max_retries=spec.max_retries,
+        api_key=api_key(spec.api_key_env, spec.api_key_file),
+    )
+
+
 class ClientRegistry:
     """Builds, starts and keeps clients by spec; `close()` closes them all.
 
@@ -50,11 +59,7 @@ class ClientRegistry:
                 spec.backend,
                 list(spec.urls),
                 spec.model,
-                settings=HttpSettings(
-                    total_timeout=spec.timeout,
-                    max_retries=spec.max_retries,
-                    api_key=api_key(spec.api_key_env, spec.api_key_file),
-                ),
+                settings=_http(spec),
                 startup_timeout=self._startup(spec),
                 vocab_size=spec.vocab_size,
                 **extra,
@@ -69,11 +74,7 @@ class ClientRegistry:
                     spec.format,
                     list(spec.urls),
                     spec.model,
-                    settings=HttpSettings(
-                        total_timeout=spec.timeout,
-                        max_retries=spec.max_retries,
-                        api_key=api_key(spec.api_key_env, spec.api_key_file),
-                    ),
+                    settings=_http(spec),
                     batch_size=spec.batch_size,
                     startup_timeout=self._startup(spec),
                 )
