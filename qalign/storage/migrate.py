@@ -26,7 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Connection, Engine, inspect, text
+from sqlalchemy import Connection, Engine, MetaData, Table, inspect, literal, select, text
+from sqlalchemy import table as sql_table
 from sqlalchemy.exc import DBAPIError
 
 import qalign
@@ -294,8 +295,7 @@ def _abandoned_first_revision(conn: Connection) -> list[str] | None:
     if "alembic_version" in names:
         present.append("alembic_version")
     for table in present:
-        # Table names come from the constant above, never from the database or a user.
-        if conn.exec_driver_sql(f'SELECT 1 FROM "{table}" LIMIT 1').first() is not None:
+        if conn.execute(select(literal(1)).select_from(sql_table(table)).limit(1)).first():
             return None
     return present
 
@@ -315,7 +315,7 @@ def _run(engine: Engine, action: str, revision: str) -> None:
             if leftover is None:
                 raise _schema_error(engine, current, unversioned=True)
             for table in leftover:
-                conn.exec_driver_sql(f'DROP TABLE "{table}"')
+                Table(table, MetaData()).drop(conn)
         if not sqlite:
             # Alembic begins and commits its own transaction on a connection not inside one;
             # on SQLite it joins the write transaction held by `_migration_connection`.
