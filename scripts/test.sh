@@ -13,4 +13,5 @@ bash scripts/real-servers/setup.sh all
 export QALIGN_REQUIRE_REAL_SERVERS="${QALIGN_REQUIRE_REAL_SERVERS:-1}"
 # A qalign* file left in the system temp folder fails the session (tests/tmpguard.py).
 export QALIGN_TMP_GUARD="${QALIGN_TMP_GUARD:-fail}"
-exec .venv/bin/pytest "$@"
+# the slowest tests are printed so the CI log shows where its time goes
+exec .venv/bin/pytest --durations=15 "$@"
