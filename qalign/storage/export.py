@@ -83,7 +83,7 @@ def _chain_fields() -> dict[str, Any]:
 
 
 # JSON columns have no single SQL type; the exported ones hold token ids.
-_JSON_COLUMNS: dict[str, Any] = {"new_tokens": "token_ids", "state_tokens": "token_ids"}
+_TOKEN_ID_COLUMNS = frozenset({"new_tokens", "state_tokens"})
 
 
 class ExportSchemaError(TypeError):
@@ -108,7 +108,7 @@ def _arrow_type(name: str, column: Any) -> Any:
         return pa.timestamp("us", tz="UTC")
     if isinstance(sql_type, String):  # Text is a String
         return pa.string()
-    if isinstance(sql_type, JSON) and _JSON_COLUMNS.get(name) == "token_ids":
+    if isinstance(sql_type, JSON) and name in _TOKEN_ID_COLUMNS:
         return pa.list_(pa.int64())
     raise ExportSchemaError(
         f"export column {name!r} has SQL type {sql_type!r} with no Parquet type"
@@ -122,12 +122,7 @@ def _arrow_schema(fields: dict[str, Any]) -> Any:
 
 
 def _json_value(v: Any) -> Any:
-    # Strict JSON has no Infinity/NaN tokens; null is the only portable spelling of "no number".
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if hasattr(v, "isoformat"):
-        return v.isoformat()
-    return v
+    return v.isoformat() if hasattr(v, "isoformat") else json_safe(v)
 
 
 def _parquet_value(v: Any) -> Any:
@@ -140,6 +135,7 @@ def _parquet_value(v: Any) -> Any:
 
 def json_safe(obj: Any) -> Any:
     """`obj` with every non-finite float (also nested in lists and dicts) replaced by None."""
+    # Strict JSON has no Infinity/NaN tokens; null is the only portable spelling of "no number".
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
@@ -155,8 +151,9 @@ def _rows(sessions: Sessions, query: Any) -> Iterator[list[tuple[Any, ...]]]:
             yield [tuple(r) for r in part]
 
 
-def _proposal_rows(sessions: Sessions, sweep_id: int) -> Iterator[list[tuple[Any, ...]]]:
-    fields = _proposal_fields()
+def _proposal_rows(
+    sessions: Sessions, sweep_id: int, fields: dict[str, Any]
+) -> Iterator[list[tuple[Any, ...]]]:
     q = (
         select(*fields.values())
         .join(Chain, Chain.id == Proposal.chain_id)
@@ -168,8 +165,9 @@ def _proposal_rows(sessions: Sessions, sweep_id: int) -> Iterator[list[tuple[Any
     return _rows(sessions, q)
 
 
-def _chain_rows(sessions: Sessions, sweep_id: int) -> Iterator[list[tuple[Any, ...]]]:
-    fields = _chain_fields()
+def _chain_rows(
+    sessions: Sessions, sweep_id: int, fields: dict[str, Any]
+) -> Iterator[list[tuple[Any, ...]]]:
     q = (
         select(*fields.values())
         .join(Run, Run.id == Chain.run_id)
@@ -222,11 +220,12 @@ def export_sweep(
 ) -> dict[str, int]:
     """Write `chains.*` and `proposals.*` under `out_dir`; returns row counts."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    chains, proposals = _chain_fields(), _proposal_fields()
     return {
         "chains": _write(
-            _chain_rows(sessions, sweep_id), _chain_fields(), out_dir / "chains", formats
+            _chain_rows(sessions, sweep_id, chains), chains, out_dir / "chains", formats
         ),
         "proposals": _write(
-            _proposal_rows(sessions, sweep_id), _proposal_fields(), out_dir / "proposals", formats
+            _proposal_rows(sessions, sweep_id, proposals), proposals, out_dir / "proposals", formats
         ),
     }
