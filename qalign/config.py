@@ -238,11 +238,15 @@ class SweepConfig(_Strict):
             raise ValueError("ancestral runs take no `steps`; set `chains_per_prompt` to n samples")
         return self
 
-    def runs(self) -> list[RunSpec]:
-        """The settings of every grid point, in a stable order."""
+    def grid_axes(self) -> tuple[list[Any], ...]:
+        """The grid's axes (beta, temperature, steps, model); each run is a point of the product."""
         betas: list[float | None] = [None] if self.method == "ancestral" else list(self.beta)
         step_axis = [0] if self.method == "ancestral" else (self.steps or [DEFAULT_STEPS])
-        axes = itertools.product(betas, self.temperature, step_axis, self.generator.model)
+        return betas, list(self.temperature), list(step_axis), list(self.generator.model)
+
+    def runs(self) -> list[RunSpec]:
+        """The settings of every grid point, in a stable order."""
+        axes = itertools.product(*self.grid_axes())
         execution = ExecutionSpec(**self.execution.model_dump())
         reward = RewardSpec.from_config(self.reward.model_dump()) if self.reward else None
         out = []
@@ -374,10 +378,7 @@ def limit_problems(cfg: SweepConfig) -> list[str]:
 
 
 def _run_count(cfg: SweepConfig) -> int:
-    if cfg.method == "ancestral":
-        return len(cfg.temperature) * len(cfg.generator.model)
-    steps = len(cfg.steps) if cfg.steps else 1
-    return len(cfg.beta) * len(cfg.temperature) * steps * len(cfg.generator.model)
+    return math.prod(len(axis) for axis in cfg.grid_axes())
 
 
 def _chains_problem(runs: int, prompts: int | None, per_prompt: int) -> str:
