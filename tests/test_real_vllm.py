@@ -73,8 +73,9 @@ def test_ancestral_sampling_gives_scored_independent_samples(servers):
     assert all(s["text"] and math.isfinite(s["reward"]) for s in samples)
     assert len({tuple(s["completion"]) for s in samples}) > 1
     assert all(len(s["completion"]) <= 24 for s in samples)
-    texts = model.ancestral([QUESTION], n=2)
+    texts, logprob_sums = model.ancestral([QUESTION], n=2)  # the seed's return shape
     assert len(texts) == 1 and len(texts[0]) == 2
+    assert len(logprob_sums) == 2 and all(lp < 0 for lp in logprob_sums)
 
 
 def test_continuation_from_an_exact_token_prefix(servers):

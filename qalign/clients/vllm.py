@@ -22,7 +22,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from qalign.clients.base import Continuation, Conversation, SamplingParams
@@ -156,8 +156,11 @@ class VLLMGenerator:
         startup_timeout: float = 600.0,
         token_ids_mode: TokenIdsMode = "auto",
         vocab_size: int | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         self.model = model
+        # sent with every chat-templated /tokenize (e.g. {"enable_thinking": true} for Qwen3)
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         # vLLM does not report its vocabulary size; when given, generated ids are checked.
         self.vocab_size = vocab_size
         self.pool = EndpointPool(urls, settings, name=f"vllm generator {model!r}")
@@ -230,17 +233,52 @@ class VLLMGenerator:
     # -- tokenization --------------------------------------------------------------------
 
     async def chat_prompt(self, messages: Conversation) -> list[int]:
-        body = {
+        return await self._chat_ids(messages, add_generation_prompt=True)
+
+    async def conversation_ids(self, messages: Conversation) -> list[int]:
+        """Token ids of a whole conversation (ending with its assistant reply), templated."""
+        return await self._chat_ids(messages, add_generation_prompt=False)
+
+    async def _chat_ids(self, messages: Conversation, *, add_generation_prompt: bool) -> list[int]:
+        body: dict[str, Any] = {
             "model": self.model,
             "messages": list(messages),
-            "add_generation_prompt": True,
+            "add_generation_prompt": add_generation_prompt,
             "add_special_tokens": False,
         }
+        if self.chat_template_kwargs:
+            body["chat_template_kwargs"] = self.chat_template_kwargs
         reply = await self.pool.request("POST", "/tokenize", body, parse=parse_tokenize)
         ids, mml = reply.value
         if self.max_model_len is None and mml is not None:
             self.max_model_len = mml
         return ids
+
+    async def prompt_logprobs(self, token_ids: Sequence[int]) -> list[float | None]:
+        """log p(t_i | t_<i) of every token of `token_ids` under the served model (None first).
+
+        One /v1/completions request with `prompt_logprobs=0` and a single generated token.
+        """
+        ids = check_ids(token_ids, 1)
+        check_context(self.pool.name, len(ids), 1, self.max_model_len)
+        body = self._body(
+            ids,
+            max_tokens=1,
+            seed=0,
+            params=SamplingParams(temperature=1.0),
+            logprobs=False,
+            mode="token_ids",
+        )
+        body.pop("return_token_ids", None)
+        body["prompt_logprobs"] = 0
+        reply = await self.pool.request(
+            "POST",
+            "/v1/completions",
+            body,
+            parse=functools.partial(parse_prompt_logprobs, prompt=ids),
+            timeout=self.settings.timeout(1),
+        )
+        return reply.value
 
     async def tokenize_text(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         body = {"model": self.model, "prompt": text, "add_special_tokens": add_special_tokens}
@@ -400,6 +438,35 @@ def _parse_completion(
             raise ProtocolError("finish_reason 'stop' with no generated token")
     check_vocab(ids, vocab_size, "choices[0].token_ids")
     return ids, finish, lps
+
+
+def parse_prompt_logprobs(data: Any, prompt: Sequence[int]) -> list[float | None]:
+    """The prompt tokens' log-probs of a completion answer (`prompt_logprobs` requested).
+
+    vLLM sends one entry per prompt token: null for the first, then a map from token id (as a
+    string) to {"logprob", "rank", "decoded_token"} that always holds the prompt's own token.
+    """
+    raw = _first_choice(data).get("prompt_logprobs")
+    if not isinstance(raw, list) or len(raw) != len(prompt):
+        got = len(raw) if isinstance(raw, list) else type(raw).__name__
+        raise ProtocolError(
+            f"choices[0].prompt_logprobs has {got} entries for {len(prompt)} prompt tokens "
+            "(does this server support prompt_logprobs?)"
+        )
+    out: list[float | None] = []
+    for i, (entry, tok) in enumerate(zip(raw, prompt, strict=True)):
+        if entry is None:
+            if i:
+                raise ProtocolError(f"prompt_logprobs[{i}] is null (only the first may be)")
+            out.append(None)
+            continue
+        cell = require_dict(entry, f"prompt_logprobs[{i}]").get(str(tok))
+        if isinstance(cell, dict):
+            cell = cell.get("logprob")
+        if cell is None:
+            raise ProtocolError(f"prompt_logprobs[{i}] has no entry for prompt token {tok}")
+        out.append(as_float(cell, f"prompt_logprobs[{i}]"))
+    return out
 
 
 def parse_tokenize(data: Any) -> tuple[list[int], int | None]:

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from tqdm import tqdm
 
 from qalign.clients.base import Conversation, Generator, RewardModel, SamplingParams
-from qalign.core import KernelConfig
+from qalign.core import KernelConfig, Method
 from qalign.sampling.loop import run_sync
 from qalign.sampling.step import ChainSpec, StepRecord, ancestral_spec, initial_step
 
@@ -32,7 +32,12 @@ def progress(total: int, enabled: bool, desc: str) -> tqdm[Any] | None:
 
 
 async def chain_specs(
-    model: PromptSource, conversations: Sequence[Conversation], kernel: KernelConfig, seed: int
+    model: PromptSource,
+    conversations: Sequence[Conversation],
+    kernel: KernelConfig,
+    seed: int,
+    *,
+    track_logprobs: bool = False,
 ) -> list[ChainSpec]:
     """One chain spec per conversation, keyed by its position."""
     prompts = await asyncio.gather(*(model.prompt_ids(c) for c in conversations))
@@ -44,6 +49,7 @@ async def chain_specs(
             messages=list(c),
             kernel=kernel,
             sampling=model.sampling,
+            track_logprobs=track_logprobs,
         )
         for i, (c, p) in enumerate(zip(conversations, prompts, strict=True))
     ]
@@ -57,12 +63,18 @@ def ancestral_records(
     *,
     seed: int | None,
     use_tqdm: bool = False,
+    logprobs: bool = False,
 ) -> list[list[StepRecord]]:
-    """n independent LM samples per conversation, scored when `rm` is given."""
+    """n independent LM samples per conversation, scored when `rm` is given.
+
+    With `logprobs`, each sample carries its per-token log-probs (QUEST's kernel asks for them;
+    its initial sample is the same ancestral draw as QAlign's).
+    """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     run_seed = secrets.randbits(31) if seed is None else seed
-    kernel = KernelConfig(beta=1.0, max_new_tokens=model.max_new_tokens)
+    method = Method.QUEST if logprobs else Method.QALIGN
+    kernel = KernelConfig(beta=1.0, max_new_tokens=model.max_new_tokens, method=method)
     bar = progress(len(conversations) * n, use_tqdm, "ancestral")
 
     async def _run() -> list[list[StepRecord]]:

@@ -43,6 +43,7 @@ class ChainSpec:
     messages: Conversation
     kernel: KernelConfig
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    track_logprobs: bool = False  # ask for per-token log-probs even when the kernel needs none
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ async def _sample(
         max_tokens=plan.max_tokens,
         seed=plan.gen_seed,
         params=spec.sampling,
-        logprobs=spec.kernel.needs_logprobs,
+        logprobs=spec.kernel.needs_logprobs or spec.track_logprobs,
         affinity=spec.key,
     )
     return cont.token_ids, cont.finish, cont.logprobs, cont.endpoint, cont.latency_s

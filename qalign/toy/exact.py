@@ -8,7 +8,7 @@ after k steps, so an empirical histogram can be compared with it without any mix
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from qalign.core import KernelConfig, Method, State, StepPlan, decide, make_proposal
 from qalign.core.state import Finish
@@ -22,20 +22,30 @@ def _finish(y: Response) -> Finish:
     return Finish.STOP if y and y[-1] == EOS else Finish.LENGTH
 
 
-def _state(model: ToyModel, y: Response, temperature: float) -> State:
+RewardFn = Callable[[Response], float]
+
+
+def _state(model: ToyModel, y: Response, temperature: float, reward: RewardFn) -> State:
     lps = tuple(
         math.log(model.next_probs(y[i - 1] if i else None, temperature)[y[i]])
         for i in range(len(y))
     )
-    return State(tokens=y, reward=model.reward(y), finish=_finish(y), logprobs=lps)
+    return State(tokens=y, reward=reward(y), finish=_finish(y), logprobs=lps)
 
 
 def transition_matrix(
-    model: ToyModel, cfg: KernelConfig, temperature: float = 1.0
+    model: ToyModel,
+    cfg: KernelConfig,
+    temperature: float = 1.0,
+    reward: RewardFn | None = None,
 ) -> dict[Response, Dist]:
-    """P[y][y'] for every pair of responses under the kernel `cfg` (rows sum to 1)."""
+    """P[y][y'] for every pair of responses under the kernel `cfg` (rows sum to 1).
+
+    `reward` replaces the model's own reward (e.g. a composite of several toy rewards).
+    """
     ys = model.responses(cfg.max_new_tokens)
-    states = {y: _state(model, y, temperature) for y in ys}
+    reward_of = model.reward if reward is None else reward
+    states = {y: _state(model, y, temperature, reward_of) for y in ys}
     lm_cond = {y: {} for y in ys}  # type: dict[Response, dict[int, float]]
     for y in ys:
         for i in range(len(y) + 1):

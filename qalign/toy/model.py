@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,6 +168,37 @@ class ToyModel:
             total += math.log(p)
         return total
 
+    def prompt_logprobs(self, ids: Sequence[int]) -> list[float | None]:
+        """log p(ids[i] | ids[:i]) at temperature 1, as a server's prompt log-probs (None first).
+
+        Inside an assistant turn (after <|assistant|>) word tokens follow the bigram LM and the
+        closing <|end|> counts as EOS, so a templated reply scores log p_LM(reply + EOS); every
+        other token of the template has probability 1 (log-prob 0).
+        """
+        out: list[float | None] = []
+        in_reply = False
+        prev: int | None = None
+        for i, t in enumerate(ids):
+            if i == 0:
+                out.append(None)
+            elif in_reply and (t in (EOS, END) or WORD_BASE <= t < self.vocab_size):
+                p = self.next_probs(prev).get(EOS if t == END else t, 0.0)
+                out.append(math.log(p) if p > 0 else -math.inf)
+            else:
+                out.append(0.0)
+            if t == ASSISTANT:
+                in_reply, prev = True, None
+            elif t in (EOS, END):
+                in_reply = False
+            elif in_reply:
+                prev = t
+        return out
+
+    def reply_logprob(self, response: Sequence[int]) -> float:
+        """What `prompt_logprobs` sums over a templated reply of `response`: its words then EOS."""
+        words = [t for t in response if WORD_BASE <= t < self.vocab_size]
+        return self.sequence_logprob((*words, EOS))
+
     def reward(self, response: Sequence[int]) -> float:
         """Sum of per-word values (EOS and unknown tokens are worth 0), plus any exact bonus."""
         total = 0.0
@@ -201,14 +232,23 @@ class ToyModel:
         }
 
     def target(
-        self, beta: float, max_new_tokens: int, method: str = "qalign", temperature: float = 1.0
+        self,
+        beta: float,
+        max_new_tokens: int,
+        method: str = "qalign",
+        temperature: float = 1.0,
+        reward: Callable[[tuple[int, ...]], float] | None = None,
     ) -> dict[tuple[int, ...], float]:
-        """Exact target: qalign ∝ p_LM(y) exp(r/beta); quest ∝ exp(r/beta) on the LM's support."""
+        """Exact target: qalign ∝ p_LM(y) exp(r/beta); quest ∝ exp(r/beta) on the LM's support.
+
+        `reward` replaces the model's own reward (e.g. a composite of several toy rewards).
+        """
         lm = self.lm_distribution(max_new_tokens, temperature)
+        reward_of = self.reward if reward is None else reward
         logw: dict[tuple[int, ...], float] = {}
         for y, p in lm.items():
             base = math.log(p) if method == "qalign" else 0.0
-            logw[y] = base + self.reward(y) / beta
+            logw[y] = base + reward_of(y) / beta
         top = max(logw.values())
         w = {y: math.exp(v - top) for y, v in logw.items()}
         z = math.fsum(w.values())

@@ -452,7 +452,6 @@ _MUST_BE_EMPTY = (
     "json_schema",
     "regex",
     "ebnf",
-    "prompt_logprobs",
 )
 _MUST_BE_FALSE = ("stream", "echo", "use_beam_search")
 
@@ -492,6 +491,10 @@ class _Stats:
         self.running_sequences = 0
         self.peak_running_sequences = 0
         self.temperatures: dict[str, int] = {}  # sequences sampled at each temperature
+        # chat_template_kwargs seen by /tokenize, as sorted JSON -> count (the toy template
+        # ignores them; tests check that a client sends them)
+        self.template_kwargs: dict[str, int] = {}
+        self.prompt_logprob_tokens = 0
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -504,6 +507,8 @@ class _Stats:
             "running_sequences": self.running_sequences,
             "peak_running_sequences": self.peak_running_sequences,
             "temperatures": dict(self.temperatures),
+            "template_kwargs": dict(self.template_kwargs),
+            "prompt_logprob_tokens": self.prompt_logprob_tokens,
         }
 
 
@@ -836,6 +841,12 @@ class _Handlers:
             messages = body["messages"]
             if not isinstance(messages, list):
                 raise _bad("messages must be a list", "messages")
+            kwargs = body.get("chat_template_kwargs")
+            if kwargs is not None:
+                if not isinstance(kwargs, dict):
+                    raise _bad("chat_template_kwargs must be an object", "chat_template_kwargs")
+                key = json.dumps(kwargs, sort_keys=True)
+                s.stats.template_kwargs[key] = s.stats.template_kwargs.get(key, 0) + 1
             add_gen = _bool_param(body, "add_generation_prompt", True)
             cont = _bool_param(body, "continue_final_message", False)
             if add_gen and cont:
@@ -933,6 +944,13 @@ class _Handlers:
                 f"{opts.max_logprobs}",
                 "logprobs",
             )
+        prompt_logprobs = _int_param(body, "prompt_logprobs", None, 0)
+        if prompt_logprobs is not None and prompt_logprobs > opts.max_logprobs:
+            raise _bad(
+                f"Requested prompt logprobs of {prompt_logprobs}, which is greater than max "
+                f"allowed: {opts.max_logprobs}",
+                "prompt_logprobs",
+            )
         as_ids = _bool_param(body, "return_tokens_as_token_ids", False)
         return_ids = _bool_param(body, "return_token_ids", False) and not opts.legacy_token_ids
         skip_special = _bool_param(body, "skip_special_tokens", True)
@@ -997,6 +1015,8 @@ class _Handlers:
                 "prompt_token_ids": list(prompt) if return_ids else None,
                 "prompt_logprobs": None,
             }
+            if prompt_logprobs is not None:
+                choice["prompt_logprobs"] = self._prompt_logprobs(prompt, prompt_logprobs)
             if logprobs is not None:
                 choice["logprobs"] = self._vllm_logprobs(seq, logprobs, as_ids, temperature)
             choices.append(choice)
@@ -1016,6 +1036,20 @@ class _Handlers:
                 },
             }
         )
+
+    def _prompt_logprobs(self, prompt: Sequence[int], k: int) -> list[dict[str, Any] | None]:
+        """vLLM's prompt_logprobs: null, then per token its own entry plus the top k."""
+        s = self.s
+        s.stats.prompt_logprob_tokens += len(prompt)
+        out: list[dict[str, Any] | None] = []
+        for i, (tok, lp) in enumerate(zip(prompt, s.model.prompt_logprobs(prompt), strict=True)):
+            if i == 0 or lp is None:
+                out.append(None)
+                continue
+            entry = {str(tok): {"logprob": lp, "rank": 1, "decoded_token": s.token_str(tok, False)}}
+            out.append(entry)
+        del k  # the toy's prompt entries hold only the prompt token (k alternatives not listed)
+        return out
 
     def _vllm_logprobs(
         self, seq: _Sequence, k: int, as_ids: bool, temperature: float
