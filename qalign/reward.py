@@ -239,6 +239,10 @@ class RemoteLMReward(Reward):
     ) -> None:
         super().__init__(f"logprobs:{model_path.replace('.', '')}")
         self.full_logprobs = full_logprobs
+        # Scoring generates nothing: the length budgets only matter when given explicitly (a
+        # conversation longer than the server's context is refused by the request itself).
+        model_kwargs.setdefault("max_new_tokens", 1)
+        model_kwargs.setdefault("max_prompt_length", 1)
         self.model_client = RemoteVLLM(
             server_url=server_url,
             model_path=model_path,

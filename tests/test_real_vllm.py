@@ -16,6 +16,7 @@ from qalign.clients import SamplingParams, VLLMGenerator, VLLMReward
 from qalign.core import Finish
 from tests.realservers import GEN_MODEL, RM_MODEL, require_or_skip, run_async, vllm_servers
 from tests.test_quickstart import check_quickstart_shape, run_quickstart
+from tests.test_seed_api import check_common, run_script
 
 pytestmark = pytest.mark.real_vllm
 EOS = 2  # <|im_end|> in SmolLM2
@@ -174,3 +175,14 @@ def test_small_gsm8k_sweep_through_eval_and_report(servers, tmp_path):
     pngs = sorted(report_dir.glob("*.png"))
     assert pngs and all(p.stat().st_size > 1000 and p.name in md for p in pngs)
     assert "real-bon" in md or "smollm2" in md
+
+
+def test_seed_api_script_runs_against_real_vllm(servers):
+    """Every class and argument of the seed API (examples/seed_api.py) against real vLLM."""
+    out = run_script(
+        "--gen", servers.gen, "--gen-model", GEN_MODEL, "--rm", servers.rm, "--rm-model", RM_MODEL,
+        "--max-new-tokens", "16",
+    )  # fmt: skip
+    check_common(out)
+    assert out["names"]["lm"].startswith("logprobs:")
+    assert all(n > 10 for n in out["logprobs"])  # every token of the templated conversation

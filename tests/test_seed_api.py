@@ -97,21 +97,6 @@ def test_seed_api_script_runs_against_toy_servers(toy):
     assert g.metrics()["prompt_logprob_tokens"] > 0
 
 
-@pytest.mark.real_vllm
-def test_seed_api_script_runs_against_real_vllm():
-    from tests.realservers import GEN_MODEL, RM_MODEL, require_or_skip, vllm_servers
-
-    require_or_skip("vllm")
-    with vllm_servers(gen_port=8000, rm_port=8001) as urls:
-        out = run_script(
-            "--gen", urls.gen, "--gen-model", GEN_MODEL, "--rm", urls.rm, "--rm-model", RM_MODEL,
-            "--max-new-tokens", "16",
-        )  # fmt: skip
-    check_common(out)
-    assert out["names"]["lm"].startswith("logprobs:")
-    assert all(t for t in out["tokenize"][0])
-
-
 # ---- every seed-API call refuses an argument it does not know ------------------------------------
 
 
