@@ -202,7 +202,8 @@ def run_command(
 
     The database defaults to SQLite (./qalign.sqlite). Running the same command again resumes
     every chain from its last committed step; interrupting with Ctrl-C loses at most the steps in
-    flight.
+    flight. After `qalign sweep extend NAME --steps N`, the same command (the same CONFIG)
+    continues every chain to the stored N steps.
 
     Example: qalign run sweep.yaml --database sqlite:///runs.sqlite
     """

@@ -389,6 +389,39 @@ def test_a_step_committed_while_its_chain_is_extended_continues_the_chain(
         assert chain is not None and (chain.current_step, chain.status) == (3, "done")
 
 
+def test_status_counts_the_new_totals_and_times_the_steps_since_the_extension(
+    sqlite_url: str, toy: tuple[str, str]
+) -> None:
+    from qalign.cli_sweep import _status_rows
+
+    upgrade(sqlite_url)
+    sessions = make_sessionmaker(make_engine(sqlite_url))
+    cfg = parse_config(sweep_config("eta", *toy, prompts=1, beta=1.0, steps=2, chains=2))
+    sweep_id, _ = create_sweep(sessions, cfg, check=False)
+
+    async def run() -> None:
+        service = StepService(sessions)
+        try:
+            await run_locally(service, sweep_id, progress=False)
+        finally:
+            await service.close()
+
+    asyncio.run(run())
+    (row,) = _status_rows(sessions, sweep_id)
+    assert (row["steps_done"], row["steps_total"], row["eta_s"], row["extended_at"]) == (
+        6, 6, 0.0, None,
+    )  # fmt: skip
+    repo.extend_sweep(sessions, sweep_id, 5)
+    (row,) = _status_rows(sessions, sweep_id)
+    # No step since the extension: no throughput to extrapolate from (not the first steps').
+    assert (row["steps_done"], row["steps_total"], row["chains_done"]) == (6, 12, 0)
+    assert row["steps_per_s"] is None and row["eta_s"] is None and row["extended_at"]
+    asyncio.run(run())
+    (row,) = _status_rows(sessions, sweep_id)
+    assert (row["steps_done"], row["steps_total"], row["chains_done"]) == (12, 12, 2)
+    assert row["steps_per_s"] is not None and row["steps_per_s"] > 0 and row["eta_s"] == 0.0
+
+
 # ---- warm start ----------------------------------------------------------------------------
 
 WARM_SQL = """
