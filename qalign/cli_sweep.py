@@ -431,7 +431,7 @@ def _broker_errors(url: str, hint: str = "") -> Iterator[None]:
     "runs",
     multiple=True,
     metavar="RUN",
-    help="Extend only this run (its name or id, see `sweep status`); repeatable. Default: all.",
+    help="Extend only this run (its name or id: `sweep status --json`); repeatable. Default: all.",
 )
 @click.option("--local", is_flag=True, help="Run the extension here (embedded runner, no broker).")
 @click.option("--no-enqueue", is_flag=True, help="Only record the extension; continue it later.")
