@@ -21,6 +21,8 @@ _USER_ERRORS = (
     ("qalign.storage.errors", "StorageError"),
     ("qalign.storage.repo", "SweepExistsError"),
     ("qalign.storage.repo", "SweepNotFoundError"),
+    ("qalign.storage.repo", "ExtendError"),
+    ("qalign.storage.repo", "WarmStartError"),
 )
 
 # Commands whose modules are heavy and which most invocations do not need (the toy server pulls

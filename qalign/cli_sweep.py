@@ -86,7 +86,15 @@ def _status_rows(sessions: Any, sweep_id: int) -> list[dict[str, Any]]:
             first = r.first_at if r.first_at.tzinfo else r.first_at.replace(tzinfo=dt.UTC)
             last = r.last_at if r.last_at.tzinfo else r.last_at.replace(tzinfo=dt.UTC)
             elapsed = max((last - first).total_seconds(), 1e-9)
-        throughput = (r.steps_done / elapsed) if elapsed and r.steps_done > 1 else None
+        done = r.steps_done
+        if r.extended_at is not None and r.last_at is not None:
+            # After an extension, the steps since it over the time since it: the pause between
+            # the end of the first steps and the extension is no step's time.
+            ext = r.extended_at if r.extended_at.tzinfo else r.extended_at.replace(tzinfo=dt.UTC)
+            last = r.last_at if r.last_at.tzinfo else r.last_at.replace(tzinfo=dt.UTC)
+            elapsed = (last - ext).total_seconds() if last > ext else None
+            done = r.steps_done - r.steps_done_at_extension
+        throughput = (done / elapsed) if elapsed and done > 1 else None
         remaining = r.steps_total - r.steps_done
         eta = (
             remaining / throughput
@@ -113,6 +121,7 @@ def _status_rows(sessions: Any, sweep_id: int) -> list[dict[str, Any]]:
                 "steps_per_s": throughput,
                 "eta_s": eta,
                 "failures": failures.get(r.run_id, []),
+                "extended_at": None if r.extended_at is None else r.extended_at.isoformat(),
                 "as_of": now.isoformat(),
             }
         )
@@ -193,14 +202,12 @@ def run_command(
 
     The database defaults to SQLite (./qalign.sqlite). Running the same command again resumes
     every chain from its last committed step; interrupting with Ctrl-C loses at most the steps in
-    flight.
+    flight. After `qalign sweep extend NAME --steps N`, the same command (the same CONFIG)
+    continues every chain to the stored N steps.
 
     Example: qalign run sweep.yaml --database sqlite:///runs.sqlite
     """
-    from qalign.sampling.loop import run_sync
-    from qalign.scheduler.local import run_locally
     from qalign.scheduler.sweeps import create_sweep, sweep_prompts
-    from qalign.steps.service import StepService
 
     cfg = _load(config_path)
     prompts = sweep_prompts(cfg)  # a sweep over the size limits must not create the database
@@ -209,6 +216,34 @@ def run_command(
     click.echo(
         f"{'created' if created else 'resuming'} sweep {cfg.name!r} (id {sweep_id})", err=True
     )
+    _run_here(
+        sessions,
+        sweep_id,
+        concurrency=concurrency,
+        retry_failed=retry_failed,
+        quiet=quiet,
+        lockstep=lockstep,
+        again="run the same command again",
+    )
+
+
+def _run_here(
+    sessions: Any,
+    sweep_id: int,
+    *,
+    concurrency: int | None,
+    retry_failed: bool,
+    quiet: bool,
+    again: str,
+    lockstep: bool = False,
+) -> None:
+    """Run every unfinished chain of the sweep in this process (the embedded runner), print
+    its status, and fail if any chain failed."""
+    from qalign.sampling.loop import run_sync
+    from qalign.scheduler.local import run_locally
+    from qalign.steps.service import StepService
+    from qalign.storage import repo
+
     service = StepService(sessions, concurrency=concurrency)
 
     async def go() -> Any:
@@ -226,18 +261,17 @@ def run_command(
     try:
         report = run_sync(go())
     except KeyboardInterrupt:
-        click.echo("interrupted: run the same command again to resume", err=True)
+        click.echo(f"interrupted: {again} to resume", err=True)
         sys.exit(130)
     print_status(sessions, sweep_id, as_json=False)
-    from qalign.storage import repo
-
     # Chains that failed in an earlier run count too: the sweep is not complete.
     failed = sum(r.chains_failed for r in repo.sweep_status(sessions, sweep_id))
     if failed or report.failed_chains:
+        config = repo.find_sweep(sessions, sweep_id).config
+        attempts = (config.get("execution") or {}).get("max_attempts", "?")
         _fail(
             f"{max(failed, len(report.failed_chains))} chain(s) failed (execution.max_attempts="
-            f"{cfg.execution.max_attempts}); see `qalign sweep status` and rerun with "
-            "--retry-failed"
+            f"{attempts}); see `qalign sweep status` and rerun with --retry-failed"
         )
 
 
@@ -302,10 +336,13 @@ def sweep_show(sweep: str, database: str | None) -> None:
 
     from qalign.storage import repo
 
-    s = repo.find_sweep(_sessions(database, upgrade=False), sweep)
-    click.echo(
-        yaml.safe_dump({"id": s.id, "status": s.status, "config": s.config}, sort_keys=False)
-    )
+    sessions = _sessions(database, upgrade=False)
+    s = repo.find_sweep(sessions, sweep)
+    shown: dict[str, Any] = {"id": s.id, "status": s.status, "config": s.config}
+    extensions = repo.sweep_extensions(sessions, s.id)
+    if extensions:
+        shown["extensions"] = extensions  # the config's `steps` are those it was created with
+    click.echo(yaml.safe_dump(shown, sort_keys=False))
 
 
 @sweep_group.command("run")
@@ -365,7 +402,7 @@ def _dispatcher(broker: str | None, queue: str) -> Any:
 
 
 @contextlib.contextmanager
-def _broker_errors(url: str) -> Iterator[None]:
+def _broker_errors(url: str, hint: str = "") -> Iterator[None]:
     """Turn "cannot reach the broker" into one line naming the broker (password hidden)."""
     from kombu.exceptions import OperationalError
 
@@ -377,8 +414,98 @@ def _broker_errors(url: str) -> Iterator[None]:
         detail = redact_password(str(exc), url)
         _fail(
             f"cannot reach the Celery broker {redact_url(url)}: {detail}. Is it running? Choose "
-            "it with --broker or $QALIGN_BROKER_URL."
+            "it with --broker or $QALIGN_BROKER_URL." + hint
         )
+
+
+@sweep_group.command("extend")
+@click.argument("sweep")
+@click.option(
+    "--steps",
+    required=True,
+    type=click.IntRange(1),
+    help="The new number of MCMC steps per chain (larger than the runs' current steps).",
+)
+@click.option(
+    "--run",
+    "runs",
+    multiple=True,
+    metavar="RUN",
+    help="Extend only this run (its name or id: `sweep status --json`); repeatable. Default: all.",
+)
+@click.option("--local", is_flag=True, help="Run the extension here (embedded runner, no broker).")
+@click.option("--no-enqueue", is_flag=True, help="Only record the extension; continue it later.")
+@click.option("--retry-failed", is_flag=True, help="Also revive chains that ran out of attempts.")
+@click.option("--concurrency", type=click.IntRange(1), help="With --local: steps in flight.")
+@click.option("--quiet", is_flag=True, help="With --local: no progress bars.")
+@click.option("--database", envvar="QALIGN_DATABASE_URL", help=DB_HELP)
+@click.option("--broker", envvar="QALIGN_BROKER_URL", help=BROKER_HELP)
+@QUEUE_OPTION
+def sweep_extend(
+    sweep: str,
+    steps: int,
+    runs: tuple[str, ...],
+    local: bool,
+    no_enqueue: bool,
+    retry_failed: bool,
+    concurrency: int | None,
+    quiet: bool,
+    database: str | None,
+    broker: str | None,
+    queue: str,
+) -> None:
+    """Give every chain of SWEEP (or of the --run runs) STEPS steps, and continue each chain
+    from its last committed step.
+
+    A chain extended from N to STEPS steps is identical, proposal for proposal, to a chain run
+    for STEPS steps from the start (randomness is a function of (seed, chain, step)), and only
+    the new steps are generated. The new target is stored: finished chains become pending again,
+    failed chains stay failed (unless --retry-failed), and every extension is recorded in
+    `sweep_extensions` (shown by `sweep show`). Run names keep the steps they were created
+    with; `runs.steps` holds the current target.
+
+    How the new steps run: by default the next step of every unfinished chain is enqueued for
+    the Celery workers (as `sweep resume` does); with --local they run here, as `qalign run`
+    would; with --no-enqueue nothing runs yet: `qalign run CONFIG` with the config the sweep was
+    created with, or `qalign sweep resume`, continues it later.
+
+    Example: qalign sweep extend my-sweep --steps 20 --local
+    """
+    from qalign.scheduler.sweeps import enqueue_unfinished, extend_sweep
+
+    if local and no_enqueue:
+        _fail("--local runs the extension here; --no-enqueue runs nothing: give one of them")
+    sessions = _sessions(database, upgrade=False)
+    sweep_id = _sweep_id(sessions, sweep)
+    for e in extend_sweep(sessions, sweep_id, steps, list(runs) or None):
+        failed = f", {e.failed} failed chain(s) stay failed" if e.failed else ""
+        if e.failed and retry_failed:
+            failed = f", {e.failed} failed chain(s) get another round"
+        click.echo(
+            f"extended {e.run}: {e.old_steps} -> {e.new_steps} steps per chain "
+            f"({e.reopened} finished chain(s) reopened{failed})"
+        )
+    if local:
+        _run_here(
+            sessions,
+            sweep_id,
+            concurrency=concurrency,
+            retry_failed=retry_failed,
+            quiet=quiet,
+            again=f"`qalign sweep resume {sweep}` or `qalign run CONFIG`",
+        )
+        return
+    if no_enqueue:
+        click.echo(
+            f"recorded; continue with `qalign run CONFIG` (here) or `qalign sweep resume {sweep}` "
+            "(Celery workers)"
+        )
+        return
+    dispatcher = _dispatcher(broker, queue)
+    recorded = f" The extension is recorded: `qalign sweep resume {sweep}` enqueues it."
+    with _broker_errors(dispatcher.app.conf.broker_url, hint=recorded):
+        n = enqueue_unfinished(sessions, sweep_id, dispatcher, retry_failed=retry_failed)
+    click.echo(f"enqueued {n} chain step(s) of sweep {sweep!r}")
 
 
 @sweep_group.command("cancel")

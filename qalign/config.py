@@ -197,6 +197,14 @@ class ExecutionConfig(_Strict):
     stall_timeout: Annotated[float, Field(gt=0)] = 600.0
 
 
+class WarmStartConfig(_Strict):
+    """Start every chain from the final state of the matching chain of another (finished) sweep
+    in the same database: same prompt, same chain index; a source with one run seeds every run,
+    otherwise runs match by grid index. Its step 0 is that state, with its reward (no request)."""
+
+    sweep: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+
+
 class SweepConfig(_Strict):
     """A whole sweep. Grid axes (`beta`, `temperature`, `steps`, `generator.model`) take a value
     or a list of values; every combination is one run."""
@@ -221,6 +229,7 @@ class SweepConfig(_Strict):
     max_new_tokens: Annotated[int, Field(ge=1)] = 512
     max_prompt_length: Annotated[int, Field(ge=1)] = 2048
     execution: ExecutionConfig = ExecutionConfig()
+    warm_start: WarmStartConfig | None = None
 
     _grid = field_validator("beta", "temperature", "steps", mode="before")(_as_list)
 
@@ -236,6 +245,11 @@ class SweepConfig(_Strict):
             raise ValueError(f"method {self.method!r} needs a `reward` section")
         if self.method == "ancestral" and self.steps not in (None, [0]):
             raise ValueError("ancestral runs take no `steps`; set `chains_per_prompt` to n samples")
+        if self.warm_start is not None:
+            if self.method == "ancestral":
+                raise ValueError("warm_start is for qalign and quest chains, not ancestral samples")
+            if self.warm_start.sweep == self.name:
+                raise ValueError("warm_start.sweep names this sweep itself")
         return self
 
     def grid_axes(self) -> tuple[list[Any], ...]:
@@ -299,6 +313,8 @@ class SweepConfig(_Strict):
             mode="json",
             exclude={"execution": True, "generator": transport, "reward": transport},
         )
+        if data.get("warm_start") is None:
+            del data["warm_start"]  # sweeps from before the key keep their fingerprint
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -353,6 +369,8 @@ def limit_problems(cfg: SweepConfig) -> list[str]:
             if isinstance(v, int) and v > limit:
                 problems.append(_over(key, v, limit))
     names = [("name", cfg.name), *(("generator.model", m) for m in cfg.generator.model)]
+    if cfg.warm_start is not None:
+        names.append(("warm_start.sweep", cfg.warm_start.sweep))
     if cfg.reward is not None:
         names.append(("reward.model", cfg.reward.model))
     for key, name in names:

@@ -60,7 +60,8 @@ def test_readme_queries_run(backend, sqlite_url, pg_url):
     with engine.connect() as conn:
         results = [conn.execute(text(q)).all() for q in QUERIES]
         expected = conn.execute(text(STATE_REWARD_BY_DEFINITION)).all()
-    per_run, per_step, accuracy, _reasons, trajectory, finals, step_errors = results
+    (per_run, per_step, accuracy, _reasons, trajectory, finals, step_errors, extensions,
+     warm_started) = results  # fmt: skip
     assert len(per_run) == 2 and all(row[1] == 4 * 4 for row in per_run)
     assert len(per_step) == 2 * 5
     assert [r[:2] for r in per_step] == [r[:2] for r in expected]
@@ -69,3 +70,4 @@ def test_readme_queries_run(backend, sqlite_url, pg_url):
     assert [row[0] for row in trajectory] == [0, 1, 2, 3, 4]
     assert len(finals) == 2 * 2 * 2
     assert step_errors == []  # nothing failed in this sweep
+    assert extensions == [] and warm_started == []  # see tests/test_extend.py for both

@@ -500,6 +500,8 @@ COVERED = {
     "clamp": "test_runners.py::test_sampling_keys_take_effect",
     "max_new_tokens": "test_runners.py::test_sampling_keys_take_effect",
     "max_prompt_length": "test_runners.py::test_prompt_and_vocabulary_limits_take_effect",
+    "warm_start": "test_extend.py::"
+    + "test_warm_start_begins_each_chain_at_the_source_chains_final_state",
     "execution.concurrency": "test_runners.py::test_concurrency_takes_effect",
     "execution.max_attempts": "test_runners.py::test_retries_and_attempts_take_effect",
     "execution.stall_timeout": "test_runners.py::test_timeouts_take_effect",
@@ -511,6 +513,14 @@ COVERED = {
     "qalign run --quiet": "test_runners.py::test_run_flags_take_effect",
     "qalign run --lockstep": "test_sweeps_local.py::test_lockstep_mode_gives_the_same_chains",
     "qalign sweep resume --retry-failed": "test_runners.py::test_retry_failed_takes_effect",
+    "qalign sweep extend --steps": "test_extend.py::"
+    + "test_extension_equals_a_fresh_run_proposal_for_proposal",
+    "qalign sweep extend --local": "test_extend.py::"
+    + "test_an_interrupted_extension_resumes_to_the_same_chains",
+    "qalign sweep extend --run": "test_extend.py::"
+    + "test_extend_refuses_what_it_cannot_do_and_extends_only_the_runs_named",
+    "qalign sweep extend --no-enqueue": "test_extend.py::"
+    + "test_extend_refuses_what_it_cannot_do_and_extends_only_the_runs_named",
     "qalign sweep reap --stall-timeout": "test_runners.py::"
     + "test_reaper_uses_each_sweeps_stall_timeout",
     "qalign worker --concurrency": "test_runners.py::test_worker_flags_take_effect",

@@ -643,7 +643,6 @@ def _step_params(chain_id: int, step: int, tokens: tuple[int, ...], **kw: Any) -
         "state_reward": 0.25,
         "state_finish": Finish.STOP.value,
         "state_text": "state ✓",
-        "done": step >= 1,
     }
     values.update(kw)
     return values
@@ -798,6 +797,6 @@ def test_step_statements_survive_a_postgres_restart_of_their_connections(
                  "WHERE datname = current_database() AND pid <> pg_backend_pid()")
         ).all()  # fmt: skip
     assert killed  # the pool's connections are gone on the server side
-    assert repo.commit_step(sessions, _step_params(chain_id, 0, (5, 6, 7), done=False))
+    assert repo.commit_step(sessions, _step_params(chain_id, 0, (5, 6, 7)))
     assert repo.read_chain(sessions, chain_id).current_step == 0
     eng.dispose()

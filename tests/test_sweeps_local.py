@@ -141,6 +141,7 @@ def test_cli_lists_every_command_with_examples():
         ["sweep", "show"],
         ["sweep", "run"],
         ["sweep", "resume"],
+        ["sweep", "extend"],
         ["sweep", "cancel"],
         ["sweep", "status"],
         ["sweep", "reap"],

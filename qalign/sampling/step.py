@@ -153,6 +153,31 @@ async def initial_step(spec: ChainSpec, gen: Generator, rm: RewardModel | None) 
     )
 
 
+WARM_START_ENDPOINT = "warm-start"  # the `endpoint` of a warm-started chain's step 0
+WARM_START_SEED = -1  # its `gen_seed`: no generator was asked
+
+
+def warm_start_step(state: State, text: str) -> StepRecord:
+    """Step 0 of a warm-started chain: `state` (another chain's final state, with its reward)
+    is taken as the initial state, always accepted, without asking any server."""
+    return StepRecord(
+        step=0,
+        cut=0,
+        gen_seed=WARM_START_SEED,
+        new_tokens=state.tokens,
+        finish=state.finish,
+        proposal=state,
+        proposal_text=text,
+        decision=Decision(0.0, 1.0, True),
+        state=state,
+        state_text=text,
+        endpoint=WARM_START_ENDPOINT,
+        gen_latency_s=0.0,
+        reward_latency_s=0.0,
+        reward_tokens=None,
+    )
+
+
 async def mcmc_step(
     spec: ChainSpec,
     current: State,

@@ -7,7 +7,13 @@ from collections.abc import Sequence
 
 from qalign.clients.errors import ClientError
 from qalign.clients.registry import ClientRegistry
-from qalign.config import ConfigError, SweepConfig, check_chain_count
+from qalign.config import (
+    LIMITS,
+    ConfigError,
+    ConfigLimitError,
+    SweepConfig,
+    check_chain_count,
+)
 from qalign.datasets import PromptRow, load_prompts
 from qalign.dispatch.base import Dispatcher
 from qalign.sampling.loop import run_sync
@@ -68,7 +74,40 @@ def create_sweep(
         check_servers(cfg, server_wait)
     runs = [run.to_config() for run in cfg.runs()]
     config = cfg.model_dump(mode="json")
-    return repo.create_sweep(sessions, cfg.name, config, cfg.fingerprint(), runs, prompts)
+    warm = cfg.warm_start.sweep if cfg.warm_start is not None else None
+    try:
+        return repo.create_sweep(
+            sessions, cfg.name, config, cfg.fingerprint(), runs, prompts, warm_start=warm
+        )
+    except repo.WarmStartError as exc:
+        raise ConfigError(f"{cfg.name}: {exc}") from None
+    except repo.SweepExistsError:
+        if _differs_only_in_steps(sessions, cfg):
+            raise repo.SweepExistsError(
+                f"sweep {cfg.name!r} already exists with other `steps`; to give its chains "
+                f"more steps, run `qalign sweep extend {cfg.name} --steps N` (afterwards the "
+                "config it was created with resumes it), or choose another `name` for a fresh "
+                "sweep"
+            ) from None
+        raise
+
+
+def _differs_only_in_steps(sessions: repo.Sessions, cfg: SweepConfig) -> bool:
+    stored = repo.find_sweep(sessions, cfg.name)
+    same_steps = cfg.model_copy(update={"steps": stored.config.get("steps")})
+    return bool(same_steps.fingerprint() == stored.config_hash)
+
+
+def extend_sweep(
+    sessions: repo.Sessions, sweep_id: int, steps: int, runs: Sequence[str] | None = None
+) -> list[repo.Extension]:
+    """Raise the steps per chain of the sweep's runs to `steps` (see `repo.extend_sweep`);
+    `enqueue_unfinished` or `run_locally` then continues every chain from its last step."""
+    if steps > LIMITS["steps"]:
+        raise ConfigLimitError(
+            f"--steps: {steps} is over the limit of {LIMITS['steps']} (see the README's Limits)"
+        )
+    return repo.extend_sweep(sessions, sweep_id, steps, runs)
 
 
 def enqueue_unfinished(

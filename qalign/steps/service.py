@@ -39,6 +39,7 @@ from qalign.sampling.step import (
     initial_step,
     mcmc_step,
     templated_prompt,
+    warm_start_step,
 )
 from qalign.steps.outcome import Outcome, Result
 from qalign.steps.spec import RunSpec
@@ -171,7 +172,6 @@ def step_params(chain: repo.ChainRow, rec: StepRecord, worker: str) -> dict[str,
         "state_reward": state.reward,
         "state_finish": state.finish.value,
         "state_text": rec.state_text,
-        "done": rec.step >= chain.target_steps,
     }
 
 
@@ -289,6 +289,8 @@ class StepService:
         if not moved:
             return Outcome(chain_id, step, Result.DUPLICATE, run_id=chain.run_id)
         done = step >= chain.target_steps
+        if done:
+            done = await self._still_done(chain_id, step)
         return Outcome(
             chain_id,
             step,
@@ -297,6 +299,19 @@ class StepService:
             chain_status=ChainStatus.DONE.value if done else ChainStatus.RUNNING.value,
             run_id=chain.run_id,
         )
+
+    async def _still_done(self, chain_id: int, step: int) -> bool:
+        """Whether step `step` is still the chain's last once committed: `qalign sweep extend`
+        may have raised its target since the chain was read (the commit itself decided the
+        status from the stored target, so the chain is then `running` or reopened `pending`).
+        A database error here leaves the chain to the extension's own hints."""
+        try:
+            return step >= await self.db(repo.chain_target, self.sessions, chain_id)
+        except Exception as exc:
+            if _database_error(exc):
+                log.warning("chain %d: cannot re-read its target after step %d", chain_id, step)
+                return True
+            raise
 
     def _precheck(self, chain: repo.ChainRow, step: int, spec: RunSpec) -> Outcome | None:
         """The outcome when step `step` is not this chain's next step, else None.
@@ -347,6 +362,10 @@ class StepService:
 
     async def _sample(self, loaded: _Loaded, step: int) -> StepRecord:
         chain, spec = loaded.chain, loaded.spec
+        if step == 0 and chain.state is not None:
+            # A warm-started chain: its initial state was copied from another sweep's chain
+            # when the sweep was created. Step 0 records it; no server is asked anything.
+            return warm_start_step(chain.state, chain.state_text or "")
         gen = await self.clients.generator(spec.generator)
         rm = await self.clients.reward(spec.reward) if spec.reward is not None else None
         prompt_ids = loaded.prompt_ids

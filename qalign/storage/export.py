@@ -76,6 +76,8 @@ def _chain_fields() -> dict[str, Any]:
                 "state_text",
                 "attempts",
                 "last_error",
+                "source_chain_id",
+                "source_step",
             )
         },
         "reference": Prompt.reference,

@@ -5,6 +5,9 @@ the ORM those two transactions cost more CPU than the rest of the step (session 
 keys, compilation, result processing), so they are written here as fixed SQL strings executed on
 the pooled DBAPI connection. Everything else in `repo` keeps using SQLAlchemy.
 
+The commit decides `done` from the row's own `target_steps`, not from what the step read
+earlier: a `qalign sweep extend` that raised the target meanwhile leaves the chain running.
+
 PostgreSQL commits with one statement in autocommit mode (the compare-and-set UPDATE feeds the
 INSERT through a CTE, so the proposal exists iff the chain moved) and reads in autocommit mode:
 one round trip each. SQLite takes the write lock up front (`BEGIN IMMEDIATE`) so concurrent
@@ -42,7 +45,8 @@ _JSON_PARAMS = ("new_tokens", "state_tokens", "state_logprobs")
 _UPDATE_SQL = (
     "UPDATE chains SET current_step = %(step)s, state_tokens = %(state_tokens)s{json}, "
     "state_logprobs = %(state_logprobs)s{json}, state_reward = %(state_reward)s, "
-    "state_finish = %(state_finish)s, state_text = %(state_text)s, status = %(status)s, "
+    "state_finish = %(state_finish)s, state_text = %(state_text)s, "
+    "status = CASE WHEN target_steps <= %(step)s THEN 'done' ELSE 'running' END, "
     "attempts = 0, last_error = NULL, updated_at = %(created_at)s, "
     "accepted_steps = accepted_steps + %(accepted_inc)s, "
     "rejected_with_reason = rejected_with_reason + %(rejected_inc)s, "

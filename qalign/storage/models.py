@@ -160,6 +160,12 @@ class Chain(Base):
     rejected_with_reason: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     first_step_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     last_step_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # A warm-started chain (`warm_start` in the sweep config): the chain of the other sweep whose
+    # state at `source_step` (its last step) is this chain's step 0. NULL for every other chain.
+    source_chain_id: Mapped[int | None] = mapped_column(
+        ForeignKey("chains.id", ondelete="SET NULL"), nullable=True, index=True
+    )
+    source_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Proposal(Base):
@@ -218,6 +224,21 @@ class StepError(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+class SweepExtension(Base):
+    """Append-only: one `qalign sweep extend` of one run, from `old_steps` to `new_steps` per
+    chain. `steps_done` is the run's committed steps at that moment (for the throughput since)."""
+
+    __tablename__ = "sweep_extensions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sweep_id: Mapped[int] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"), index=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    old_steps: Mapped[int] = mapped_column(Integer)
+    new_steps: Mapped[int] = mapped_column(Integer)
+    steps_done: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class Answer(Base):
     """The checked answer of one proposal's response (written by `qalign eval`, replaceable)."""
 
@@ -247,6 +268,7 @@ __all__ = [
     "Run",
     "StepError",
     "Sweep",
+    "SweepExtension",
     "SweepStatus",
     "func",
 ]

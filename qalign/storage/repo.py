@@ -32,6 +32,7 @@ from qalign.storage.models import (
     Run,
     StepError,
     Sweep,
+    SweepExtension,
     SweepStatus,
     utcnow,
 )
@@ -46,6 +47,14 @@ class SweepExistsError(ValueError):
 
 class SweepNotFoundError(LookupError):
     """No sweep of that name or id."""
+
+
+class WarmStartError(ValueError):
+    """The sweep named by `warm_start` cannot seed this sweep's chains (the message says why)."""
+
+
+class ExtendError(ValueError):
+    """A `qalign sweep extend` that cannot be done (the message says why)."""
 
 
 def _engine(sessions: Sessions) -> Engine:
@@ -115,12 +124,18 @@ def create_sweep(
     fingerprint: str,
     runs: Sequence[dict[str, Any]],
     prompts: Sequence[Any],
+    warm_start: str | None = None,
 ) -> tuple[int, bool]:
     """Insert a sweep with its runs, prompts and chains; returns (sweep id, created).
 
     Creating the same sweep again (same name and fingerprint) adds nothing; it only refreshes
-    the server sections (URLs, timeouts), which the fingerprint leaves out. The same name with
-    another config raises `SweepExistsError`.
+    the server sections (URLs, timeouts), which the fingerprint leaves out, and keeps each
+    run's `steps` (raised by `extend_sweep`). The same name with another config raises
+    `SweepExistsError`.
+
+    `warm_start` names a finished sweep whose chains' final states become the initial states
+    of the new chains (see `_warm_sources`; `WarmStartError` when it cannot); the copy is made
+    in the creating transaction, and each chain records its source chain and step.
     """
     with sessions.begin() as s:
         existing = s.execute(select(Sweep).where(Sweep.name == name)).scalar_one_or_none()
@@ -133,8 +148,11 @@ def create_sweep(
             existing.config = config
             by_index = {r["grid_index"]: r for r in runs}
             for run in s.execute(select(Run).where(Run.sweep_id == existing.id)).scalars():
-                run.config = by_index.get(run.grid_index, run.config)
+                fresh = by_index.get(run.grid_index)
+                if fresh is not None:
+                    run.config = {**fresh, "steps": run.steps}  # an extension outlives re-creates
             return existing.id, False
+        sources = None if warm_start is None else _warm_sources(s, warm_start, runs, prompts)
         sweep = Sweep(name=name, config=config, config_hash=fingerprint)
         s.add(sweep)
         s.flush()
@@ -180,6 +198,7 @@ def create_sweep(
                 "attempts": 0,
                 "created_at": now,
                 "updated_at": now,
+                **(sources or {}).get(run.grid_index, {}).get((prompt.prompt_index, k), {}),
             }
             for run in run_rows
             for prompt in prompt_rows
@@ -188,6 +207,111 @@ def create_sweep(
         for start in range(0, len(chain_values), 5000):
             s.execute(insert(Chain), chain_values[start : start + 5000])
         return sweep.id, True
+
+
+_STATE_COLUMNS = ("state_tokens", "state_logprobs", "state_reward", "state_finish", "state_text")
+
+
+def _warm_sources(
+    s: Session, source: str, runs: Sequence[dict[str, Any]], prompts: Sequence[Any]
+) -> dict[int, dict[tuple[int, int], dict[str, Any]]]:
+    """Per grid index of the new sweep, per (prompt index, chain index): the columns its chain
+    starts from (the source chain's state, id and last step).
+
+    The mapping: a source with one run seeds every run; otherwise the source must have the
+    same grid (as many runs), matched by grid index. Each pair must use the same generator
+    model, the same `max_new_tokens` and the same reward model (when the source has one); the
+    prompts must be the same, in the same order; the source must have at least
+    `chains_per_prompt` chains per prompt, each `done` with a scored state.
+    """
+    src = s.execute(select(Sweep).where(Sweep.name == source)).scalar_one_or_none()
+    if src is None:
+        raise WarmStartError(f"warm_start.sweep: there is no sweep {source!r} in this database")
+    src_runs = list(
+        s.execute(select(Run).where(Run.sweep_id == src.id).order_by(Run.grid_index)).scalars()
+    )
+    if len(src_runs) == 1:
+        pairs = [(run, src_runs[0]) for run in runs]
+    elif [r.grid_index for r in src_runs] == sorted(int(r["grid_index"]) for r in runs):
+        by_grid = {r.grid_index: r for r in src_runs}
+        pairs = [(run, by_grid[int(run["grid_index"])]) for run in runs]
+    else:
+        raise WarmStartError(
+            f"warm_start.sweep: {source!r} has {len(src_runs)} runs and this sweep "
+            f"{len(runs)}: which run starts which is ambiguous (the source needs one run, or "
+            "the same grid)"
+        )
+    for run, src_run in pairs:
+        problems = []
+        if src_run.generator_model != run["generator_model"]:
+            problems.append(
+                f"generator model {src_run.generator_model!r}, not {run['generator_model']!r}"
+            )
+        if src_run.reward_model is not None and src_run.reward_model != run["reward_model"]:
+            problems.append(f"reward model {src_run.reward_model!r}, not {run['reward_model']!r}")
+        src_max = src_run.config.get("max_new_tokens")
+        if src_max != run["max_new_tokens"]:
+            problems.append(f"max_new_tokens {src_max}, not {run['max_new_tokens']}")
+        src_k = int(src_run.config.get("chains_per_prompt", 0))
+        if src_k < int(run["chains_per_prompt"]):
+            problems.append(
+                f"{src_k} chains per prompt, fewer than chains_per_prompt "
+                f"{run['chains_per_prompt']}"
+            )
+        if problems:
+            raise WarmStartError(
+                f"warm_start.sweep: run {src_run.name!r} of {source!r} cannot start run "
+                f"{run['name']!r}: it has {'; '.join(problems)}"
+            )
+    src_prompts = s.execute(
+        select(Prompt.prompt_index, Prompt.messages)
+        .where(Prompt.sweep_id == src.id)
+        .order_by(Prompt.prompt_index)
+    ).all()
+    if [(i, list(m)) for i, m in src_prompts] != [(p.index, list(p.messages)) for p in prompts]:
+        raise WarmStartError(
+            f"warm_start.sweep: {source!r} has a different dataset ({len(src_prompts)} prompts; "
+            f"this sweep {len(prompts)}): a chain can only start from the same prompt"
+        )
+    needed = {src_run.id for _, src_run in pairs}
+    rows = s.execute(
+        select(
+            Chain.run_id, Prompt.prompt_index, Chain.chain_index, Chain.id, Chain.status,
+            Chain.current_step, *(getattr(Chain, c) for c in _STATE_COLUMNS),
+        )
+        .join(Prompt, Prompt.id == Chain.prompt_id)
+        .where(Chain.run_id.in_(needed))
+    ).all()  # fmt: skip
+    found = {(r[0], r[1], r[2]): r for r in rows}
+    out: dict[int, dict[tuple[int, int], dict[str, Any]]] = {}
+    unfinished = unscored = 0
+    for run, src_run in pairs:
+        per = out.setdefault(int(run["grid_index"]), {})
+        for p in prompts:
+            for k in range(int(run["chains_per_prompt"])):
+                row = found.get((src_run.id, p.index, k))
+                if row is None or row[4] != ChainStatus.DONE.value or row[6] is None:
+                    unfinished += 1
+                    continue
+                if row[8] is None or not math.isfinite(row[8]):
+                    unscored += 1
+                    continue
+                per[(p.index, k)] = {
+                    "source_chain_id": row[3],
+                    "source_step": row[5],
+                    **dict(zip(_STATE_COLUMNS, row[6:], strict=True)),
+                }
+    if unfinished:
+        raise WarmStartError(
+            f"warm_start.sweep: {source!r} is not finished: {unfinished} of the chains to start "
+            "from are not done (finish it first, e.g. `qalign sweep status`)"
+        )
+    if unscored:
+        raise WarmStartError(
+            f"warm_start.sweep: {unscored} final states of {source!r} have no finite reward "
+            f"(score them first: `qalign score {source}`)"
+        )
+    return out
 
 
 def find_sweep(sessions: Sessions, ref: str | int) -> Sweep:
@@ -217,7 +341,8 @@ class ChainRow:
     """A chain as a step reads it.
 
     Cancelling a sweep marks its unfinished chains `cancelled`, so the chain's own status is
-    enough to skip work; the sweep row is not read on the hot path.
+    enough to skip work; the sweep row is not read on the hot path. A chain with a `state`
+    before its step 0 was warm-started: the state was copied from its source chain.
     """
 
     chain_id: int
@@ -263,6 +388,13 @@ def read_chain(sessions: Sessions, chain_id: int) -> ChainRow:
         state_text=text,
         updated_at=updated_at,
     )
+
+
+def chain_target(sessions: Sessions, chain_id: int) -> int:
+    """The chain's stored `target_steps` (raised by `extend_sweep`)."""
+    with sessions() as s:
+        target = s.execute(select(Chain.target_steps).where(Chain.id == chain_id)).scalar_one()
+    return int(target)
 
 
 def run_settings(sessions: Sessions, run_id: int) -> tuple[int, dict[str, Any]]:
@@ -323,17 +455,19 @@ STEP_PARAMS = (
     "chain_id", "run_id", "step", "cut", "new_tokens", "response_len", "text", "reward",
     "log_a", "alpha", "accepted", "finish", "reject_reason", "gen_seed", "reward_tokens",
     "gen_latency_ms", "reward_latency_ms", "endpoint", "worker", "state_tokens",
-    "state_logprobs", "state_reward", "state_finish", "state_text", "done",
+    "state_logprobs", "state_reward", "state_finish", "state_text",
 )  # fmt: skip
 
 
 def commit_step(sessions: Sessions, params: dict[str, Any]) -> bool:
     """Append a proposal and move its chain, atomically; False if the step was already taken.
 
-    `params` holds exactly `STEP_PARAMS` (the proposal's columns, the chain's new state and
-    whether this was its last step). The chain moves only if its `current_step` is still
-    `step - 1` (compare-and-set), and the proposal's unique (chain_id, step) key catches
-    anything that slips past; either way a duplicate delivery changes nothing. Values SQL
+    `params` holds exactly `STEP_PARAMS` (the proposal's columns and the chain's new state).
+    The chain becomes `done` when `step` reaches its stored `target_steps` (read by the commit
+    itself, so an extension made meanwhile counts), else `running`. The chain moves only if
+    its `current_step` is still `step - 1` (compare-and-set), and the proposal's unique
+    (chain_id, step) key catches anything that slips past; either way a duplicate delivery
+    changes nothing. Values SQL
     cannot hold are stored as described in `_text`, `_finite_or_none` and `_json_logprobs`.
     """
     if set(params) != set(STEP_PARAMS):
@@ -349,7 +483,6 @@ def commit_step(sessions: Sessions, params: dict[str, Any]) -> bool:
     p["state_logprobs"] = _json_logprobs(p["state_logprobs"])
     p["state_reward"] = _finite_or_none(p["state_reward"])
     p["state_text"] = _text(p["state_text"])
-    p["status"] = ChainStatus.DONE.value if p.pop("done") else ChainStatus.RUNNING.value
     p["created_at"] = utcnow()
     return hotpath.commit(_engine(sessions), p)
 
@@ -501,6 +634,121 @@ def reactivate_sweep(sessions: Sessions, sweep_id: int) -> None:
 
 
 @dataclass(frozen=True)
+class Extension:
+    """One run extended by `extend_sweep`."""
+
+    run_id: int
+    run: str
+    old_steps: int
+    new_steps: int
+    reopened: int  # finished chains that have steps to take again
+    failed: int  # failed chains, left failed (`--retry-failed` revives them)
+
+
+def extend_sweep(
+    sessions: Sessions, sweep_id: int, steps: int, runs: Sequence[str] | None = None
+) -> list[Extension]:
+    """Raise the steps per chain of the sweep's runs (all, or those named or numbered in
+    `runs`) to `steps`, in one transaction, and record each in `sweep_extensions`.
+
+    Every chain of a run gets the new target; `done` chains become `pending` again (or
+    `cancelled`, when the sweep is cancelled: resuming it continues them); `failed` chains
+    stay failed. The runs' `steps` (column and config) become `steps`; their names keep the
+    steps they were created with. Nothing is enqueued here. `ExtendError` when a named run is
+    unknown, a run is ancestral, or `steps` is not above a run's current steps.
+    """
+    with sessions.begin() as s:
+        sweep = s.get(Sweep, sweep_id, with_for_update=True)  # one extension at a time
+        if sweep is None:
+            raise SweepNotFoundError(f"no sweep with id {sweep_id}")
+        all_runs = list(
+            s.execute(
+                select(Run).where(Run.sweep_id == sweep_id).order_by(Run.grid_index)
+            ).scalars()
+        )
+        chosen = all_runs
+        if runs:
+            by_ref = {r.name: r for r in all_runs} | {str(r.id): r for r in all_runs}
+            unknown = [ref for ref in runs if ref not in by_ref]
+            if unknown:
+                names = "; ".join(f"{r.id}: {r.name}" for r in all_runs)
+                raise ExtendError(
+                    f"sweep {sweep.name!r} has no run {unknown[0]!r} (its runs, by id: {names})"
+                )
+            chosen = list({by_ref[ref].id: by_ref[ref] for ref in runs}.values())
+        for r in chosen:
+            if r.method == "ancestral":
+                raise ExtendError(
+                    f"run {r.name!r} of sweep {sweep.name!r} is ancestral (independent samples, "
+                    "0 steps): there are no steps to extend"
+                )
+            if steps <= r.steps:
+                raise ExtendError(
+                    f"run {r.name!r} of sweep {sweep.name!r} already has {r.steps} steps per "
+                    f"chain: --steps must be larger (got {steps}); `qalign sweep resume` or "
+                    "`qalign run` continues an extension already made"
+                )
+        reopen = (
+            ChainStatus.CANCELLED.value
+            if sweep.status == SweepStatus.CANCELLED.value
+            else ChainStatus.PENDING.value
+        )
+        now = utcnow()
+        out = []
+        for r in chosen:
+            done, failed, steps_done = s.execute(
+                select(
+                    func.sum(case((Chain.status == ChainStatus.DONE.value, 1), else_=0)),
+                    func.sum(case((Chain.status == ChainStatus.FAILED.value, 1), else_=0)),
+                    func.sum(Chain.current_step + 1),
+                ).where(Chain.run_id == r.id)
+            ).one()
+            # One statement: a step committing meanwhile either finishes first (and is reopened
+            # here) or sees the new target (and stays running); see `commit_step`.
+            s.execute(
+                update(Chain)
+                .where(Chain.run_id == r.id)
+                .values(
+                    target_steps=steps,
+                    status=case(
+                        (Chain.status == ChainStatus.DONE.value, reopen), else_=Chain.status
+                    ),
+                    updated_at=now,
+                )
+            )
+            s.add(
+                SweepExtension(
+                    sweep_id=sweep_id,
+                    run_id=r.id,
+                    old_steps=r.steps,
+                    new_steps=steps,
+                    steps_done=int(steps_done or 0),
+                    created_at=now,
+                )
+            )
+            out.append(Extension(r.id, r.name, r.steps, steps, int(done or 0), int(failed or 0)))
+            r.steps = steps
+            r.config = {**r.config, "steps": steps}
+        return out
+
+
+def sweep_extensions(sessions: Sessions, sweep_id: int) -> list[dict[str, Any]]:
+    """The sweep's extension history, oldest first: run, old and new steps, time."""
+    with sessions() as s:
+        rows = s.execute(
+            select(Run.name, SweepExtension.old_steps, SweepExtension.new_steps,
+                   SweepExtension.created_at)
+            .join(Run, Run.id == SweepExtension.run_id)
+            .where(SweepExtension.sweep_id == sweep_id)
+            .order_by(SweepExtension.id)
+        ).all()  # fmt: skip
+    return [
+        {"run": name, "old_steps": old, "new_steps": new, "at": at.isoformat()}
+        for name, old, new, at in rows
+    ]
+
+
+@dataclass(frozen=True)
 class RunStatus:
     """Progress of one run, as shown by `qalign sweep status`."""
 
@@ -522,6 +770,8 @@ class RunStatus:
     last_at: dt.datetime | None
     step_errors: int = 0  # failed attempts ever recorded (most were retried successfully)
     error_kinds: dict[str, int] = field(default_factory=dict)
+    extended_at: dt.datetime | None = None  # the run's latest `sweep extend`
+    steps_done_at_extension: int = 0  # its committed steps at that moment
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -562,6 +812,19 @@ def sweep_status(sessions: Sessions, sweep_id: int) -> list[RunStatus]:
             .group_by(StepError.run_id, StepError.kind)
         ).all():
             kinds.setdefault(run_id, {})[kind] = int(n)
+        latest = (
+            select(func.max(SweepExtension.id))
+            .where(SweepExtension.sweep_id == sweep_id)
+            .group_by(SweepExtension.run_id)
+        )
+        extended = {
+            run_id: (at, done)
+            for run_id, at, done in s.execute(
+                select(
+                    SweepExtension.run_id, SweepExtension.created_at, SweepExtension.steps_done
+                ).where(SweepExtension.id.in_(latest))
+            ).all()
+        }
     out = []
     for row in chain_rows:
         (run_id, name, method, n, done, failed, cancelled, errs, total, steps_done, r_large,
@@ -586,6 +849,8 @@ def sweep_status(sessions: Sessions, sweep_id: int) -> list[RunStatus]:
                 last_at=last,
                 step_errors=sum(kinds.get(run_id, {}).values()),
                 error_kinds=dict(sorted(kinds.get(run_id, {}).items(), key=lambda kv: -kv[1])),
+                extended_at=extended.get(run_id, (None, 0))[0],
+                steps_done_at_extension=int(extended.get(run_id, (None, 0))[1]),
             )
         )
     return sorted(out, key=lambda r: r.run_id)
