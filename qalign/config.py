@@ -133,24 +133,91 @@ class GeneratorConfig(_Strict):
         return self
 
 
-class RewardConfig(_Strict):
-    """The reward-model server(s)."""
+class RewardTermConfig(_Strict):
+    """One weighted term of a composite reward.
 
+    kinds: `model` (a reward-model server, keys as a plain `reward` section), `lm_logprob`
+    (log p_LM of the reply, or of the whole conversation with `scope: conversation`, from a
+    vLLM server's prompt log-probs) and `constant` (`value`).
+    """
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+    weight: Annotated[float, Field(allow_inf_nan=False)] = 1.0
+    kind: Literal["model", "lm_logprob", "constant"] = "model"
     format: Literal["vllm", "vllm-pooling", "sglang", "auto"] = "auto"
-    urls: Annotated[list[str], Field(min_length=1)]
-    model: str
+    urls: list[str] | None = None
+    model: str | None = None
+    scope: Literal["reply", "conversation"] = "reply"
+    value: Annotated[float, Field(allow_inf_nan=False)] | None = None
     timeout: Annotated[float, Field(gt=0)] = 300.0
     max_retries: Annotated[int, Field(ge=1)] = 8
     batch_size: Annotated[int, Field(ge=1)] = 32
     api_key_env: str | None = None
     api_key_file: str | None = None
 
-    _urls = field_validator("urls", mode="before")(_as_list)
-    _http = field_validator("urls")(_check_http_urls)
+    @field_validator("urls", mode="before")
+    @classmethod
+    def _term_urls(cls, value: Any) -> Any:
+        return None if value is None else _as_list(value)
+
+    @field_validator("urls")
+    @classmethod
+    def _term_http(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else _check_http_urls(value)
+
+    @model_validator(mode="after")
+    def _kind_needs(self) -> RewardTermConfig:
+        _check_key_source(self.api_key_env, self.api_key_file)
+        if self.kind == "constant":
+            if self.value is None or self.urls or self.model:
+                raise ValueError("a constant term takes `value` and no `urls` / `model`")
+        else:
+            if not self.urls or not self.model:
+                raise ValueError(f"a {self.kind} term needs `urls` and `model`")
+            if self.value is not None:
+                raise ValueError("`value` is for constant terms")
+        if self.kind != "lm_logprob" and self.scope != "reply":
+            raise ValueError("`scope` is for lm_logprob terms")
+        return self
+
+
+class RewardConfig(_Strict):
+    """The reward-model server(s), or `terms`: a weighted sum of several rewards."""
+
+    format: Literal["vllm", "vllm-pooling", "sglang", "auto"] = "auto"
+    urls: list[str] | None = None
+    model: str | None = None
+    timeout: Annotated[float, Field(gt=0)] = 300.0
+    max_retries: Annotated[int, Field(ge=1)] = 8
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    terms: Annotated[list[RewardTermConfig], Field(min_length=1, max_length=16)] | None = None
+
+    @field_validator("urls", mode="before")
+    @classmethod
+    def _reward_urls(cls, value: Any) -> Any:
+        return None if value is None else _as_list(value)
+
+    @field_validator("urls")
+    @classmethod
+    def _reward_http(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else _check_http_urls(value)
 
     @model_validator(mode="after")
     def _key_source(self) -> RewardConfig:
         _check_key_source(self.api_key_env, self.api_key_file)
+        if self.terms is None:
+            if not self.urls or not self.model:
+                raise ValueError("give `urls` and `model` (one reward model) or `terms`")
+            return self
+        if self.urls or self.model:
+            raise ValueError("`terms` replaces `urls` / `model`: give one or the other")
+        names = [t.name for t in self.terms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reward term names must be unique, got {names}")
+        if not any(t.kind != "constant" for t in self.terms):
+            raise ValueError("a composite reward needs at least one model or lm_logprob term")
         return self
 
 
@@ -309,12 +376,17 @@ class SweepConfig(_Strict):
             "vocab_size",
             "template_url",
         }
+        reward_exclude: dict[str, Any] = dict.fromkeys(transport, True)
+        if self.reward is not None and self.reward.terms:
+            reward_exclude["terms"] = {"__all__": transport}
         data = self.model_dump(
             mode="json",
-            exclude={"execution": True, "generator": transport, "reward": transport},
+            exclude={"execution": True, "generator": transport, "reward": reward_exclude},
         )
         if data.get("warm_start") is None:
             del data["warm_start"]  # sweeps from before the key keep their fingerprint
+        if self.reward is not None and not self.reward.terms:
+            data["reward"].pop("terms", None)  # sweeps made before composite rewards
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -371,14 +443,27 @@ def limit_problems(cfg: SweepConfig) -> list[str]:
     names = [("name", cfg.name), *(("generator.model", m) for m in cfg.generator.model)]
     if cfg.warm_start is not None:
         names.append(("warm_start.sweep", cfg.warm_start.sweep))
+    urls = [("generator.urls", u) for u in cfg.generator.urls]
+    urls += [("generator.template_url", u) for u in cfg.generator.template_url or []]
     if cfg.reward is not None:
-        names.append(("reward.model", cfg.reward.model))
+        sections: list[tuple[str, Any]] = [("reward", cfg.reward)]
+        sections += [(f"reward.terms.{i}", t) for i, t in enumerate(cfg.reward.terms or [])]
+        for where, section in sections:
+            if section.model is not None:
+                names.append((f"{where}.model", section.model))
+            urls += [(f"{where}.urls", u) for u in section.urls or []]
+            if where != "reward":
+                for key in ("max_retries", "batch_size"):
+                    value = getattr(section, key)
+                    if value > LIMITS[f"reward.{key}"]:
+                        problems.append(_over(f"{where}.{key}", value, LIMITS[f"reward.{key}"]))
+                for key in ("weight", "value", "timeout"):
+                    value = getattr(section, key)
+                    if isinstance(value, float) and not math.isfinite(value):
+                        problems.append(f"{where}.{key}: {value!r} is not a finite number")
     for key, name in names:
         if len(name) > MAX_NAME_CHARS:
             problems.append(_over(key, name, f"{MAX_NAME_CHARS} characters"))
-    urls = [("generator.urls", u) for u in cfg.generator.urls]
-    urls += [("generator.template_url", u) for u in cfg.generator.template_url or []]
-    urls += [("reward.urls", u) for u in (cfg.reward.urls if cfg.reward else [])]
     for key, url in urls:
         if len(url) > MAX_URL_CHARS:
             problems.append(_over(key, url, f"{MAX_URL_CHARS} characters"))

@@ -205,6 +205,8 @@ def _expected_type(table: str, column: str) -> pa.DataType:
         return pa.string()
     if column in ("new_tokens", "state_tokens"):
         return pa.list_(pa.int64())
+    if column == "reward_terms":
+        return pa.map_(pa.string(), pa.float64())
     if column in ("reward", "log_a", "alpha", "gen_latency_ms", "reward_latency_ms"):
         return pa.float64()
     if column == "state_reward":

@@ -211,6 +211,61 @@ def test_both_runners_meet_the_same_faults_with_the_same_records(
 # ---- sampling keys -------------------------------------------------------------------------
 
 
+def test_composite_reward_terms_are_scored_and_stored(runner: Any, servers: Any) -> None:
+    """reward.terms: a weighted sum of two reward models, an LM log-likelihood and a constant;
+    every proposal stores each term, and its reward is their weighted sum."""
+    from qalign.toy.model import ToyModel
+
+    toy, toy2 = ToyModel(), ToyModel(values={"yes": -1.0, "no": 1.0, "maybe": 0.0, "so": 0.5})
+    g, r = servers
+    with serve_in_thread(
+        ToyServerOptions(served_model_names=("toy-rm2",), port=0, model=toy2)
+    ) as r2:
+        name = unique(runner, "terms")
+        cfg = sweep_config(name, g.url, r.url, prompts=2, beta=1.0, steps=4, chains=2)
+        cfg["reward"] = {
+            "terms": [
+                {"name": "rm", "weight": 0.5, "urls": [r.url], "model": "toy-rm", "format": "vllm"},
+                {"name": "rm2", "weight": 1.5, "urls": r2.url, "model": "toy-rm2",
+                 "format": "vllm"},
+                {"name": "ref", "weight": 0.25, "kind": "lm_logprob", "urls": [g.url],
+                 "model": "toy-lm"},
+                {"name": "bias", "kind": "constant", "value": 2.0},
+            ]
+        }  # fmt: skip
+        out = runner.run(cfg)
+        assert out.returncode == 0, out.stderr
+    rows = proposals(runner, name)
+    assert len(rows) == 2 * 2 * 5 and all(c.status == "done" for _, c, _ in rows)
+    weights = {"rm": 0.5, "rm2": 1.5, "ref": 0.25, "bias": 1.0}
+    for p, _, run in rows:
+        assert run.reward_model == "0.5*rm + 1.5*rm2 + 0.25*ref + 1*bias"
+        if p.reward is None:
+            continue
+        words = tuple(toy.encode(p.text))
+        exact = {
+            "rm": toy.reward(words),
+            "rm2": toy2.reward(words),
+            "ref": toy.reply_logprob(words),
+            "bias": 2.0,
+        }
+        assert p.reward_terms == pytest.approx(exact)
+        assert p.reward == pytest.approx(sum(weights[k] * v for k, v in exact.items()))
+    # the terms travel into the exports (a map column in Parquet, an object in JSONL)
+    import pyarrow.parquet as pq
+
+    from tests.sweeps_support import cli
+
+    out_dir = runner.tmp / f"export-{name}"
+    done = cli("export", name, "--database", runner.db_url, "-o", str(out_dir))
+    assert done.returncode == 0, done.stderr
+    table = pq.read_table(out_dir / "proposals.parquet", columns=["reward_terms"])
+    first = table.column("reward_terms")[0].as_py()
+    assert dict(first).keys() == weights.keys()
+    line = json.loads((out_dir / "proposals.jsonl").read_text().splitlines()[0])
+    assert line["reward_terms"].keys() == weights.keys()
+
+
 def test_sampling_keys_take_effect(runner: Any, servers: Any) -> None:
     """beta and generator.model (grid axes), temperature, steps, chains_per_prompt, index,
     clamp, max_new_tokens, generator.urls (replicas) and dataset.prompts/system_prompt."""
@@ -480,6 +535,7 @@ COVERED = {
     "reward.max_retries": "test_runners.py::test_reward_retries_and_timeout_take_effect",
     "reward.api_key_env": SECURITY,
     "reward.api_key_file": "test_runners.py::test_api_keys_take_effect",
+    "reward.terms": "test_runners.py::test_composite_reward_terms_are_scored_and_stored",
     "dataset.task": "test_tasks_load.py",
     "dataset.path": "test_runners.py::test_dataset_keys_take_effect",
     "dataset.subset": "test_tasks_load.py",

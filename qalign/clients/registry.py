@@ -9,11 +9,23 @@ from typing import Any, TypeVar
 from qalign.clients import make_generator, make_reward
 from qalign.clients.base import Generator, RewardModel
 from qalign.clients.cache import CachedReward
+from qalign.clients.composite import ConstantScore, LMLogLikelihood, Term, WeightedSum
 from qalign.clients.credentials import api_key
 from qalign.clients.http import HttpSettings
 from qalign.clients.spec import GeneratorSpec, RewardSpec
+from qalign.clients.vllm import VLLMGenerator
 
 C = TypeVar("C")
+
+
+class _Borrowed(WeightedSum):
+    """A composite over clients owned by the registry: closing it closes nothing."""
+
+    def __init__(self, inner: WeightedSum) -> None:
+        super().__init__(inner.terms)
+
+    async def close(self) -> None:
+        return None
 
 
 def _http(spec: GeneratorSpec | RewardSpec) -> HttpSettings:
@@ -68,6 +80,9 @@ class ClientRegistry:
         return await self._get(spec, build)
 
     async def reward(self, spec: RewardSpec) -> RewardModel:
+        if spec.terms:
+            return await self._composite(spec)
+
         def build() -> RewardModel:
             return CachedReward(
                 make_reward(
@@ -81,6 +96,27 @@ class ClientRegistry:
             )
 
         return await self._get(spec, build)
+
+    async def _composite(self, spec: RewardSpec) -> WeightedSum:
+        """A weighted sum whose terms share this registry's clients (and reward caches)."""
+        found = self._items.get(spec)
+        if found is not None:
+            return found  # type: ignore[no-any-return]
+        terms = []
+        for t in spec.terms:
+            rm: RewardModel
+            if t.server is not None:
+                rm = await self.reward(t.server)
+            elif t.lm is not None:
+                lm = await self.generator(t.lm)
+                if not isinstance(lm, VLLMGenerator):
+                    raise TypeError(f"reward term {t.name!r}: lm_logprob needs a vLLM server")
+                rm = LMLogLikelihood(lm, full_conversation=t.full_conversation)
+            else:
+                rm = ConstantScore(t.value, name=t.name)
+            terms.append(Term(t.name, t.weight, rm))
+        # no start/close of its own: its clients are the registry's, closed with it
+        return self._items.setdefault(spec, _Borrowed(WeightedSum(terms)))  # type: ignore[no-any-return]
 
     def _startup(self, spec: GeneratorSpec | RewardSpec) -> float:
         return min(self.startup_timeout, spec.timeout * spec.max_retries)

@@ -67,6 +67,7 @@ class StepRecord:
     gen_latency_s: float
     reward_latency_s: float
     reward_tokens: int | None = None
+    reward_terms: dict[str, float] | None = None  # a composite reward's raw terms, by name
 
     @property
     def accepted(self) -> bool:
@@ -114,14 +115,25 @@ async def _sample(
     return cont.token_ids, cont.finish, cont.logprobs, cont.endpoint, cont.latency_s
 
 
-async def _score(
-    spec: ChainSpec, gen: Generator, rm: RewardModel, candidate: State
-) -> tuple[float, str, float, int | None]:
+@dataclass(frozen=True)
+class _Scored:
+    reward: float
+    text: str
+    latency_s: float
+    tokens: int | None = None
+    terms: dict[str, float] | None = None
+
+
+async def _score(spec: ChainSpec, gen: Generator, rm: RewardModel, candidate: State) -> _Scored:
     text = await gen.detokenize(candidate.text_tokens)
     conv = [reward_conversation(spec.messages, text)]
     t0 = time.perf_counter()
+    score_terms = getattr(rm, "score_terms", None)
+    if score_terms is not None:  # a composite reward: keep each term
+        (reward,), (terms,) = await score_terms(conv)
+        return _Scored(float(reward), text, time.perf_counter() - t0, terms=dict(terms))
     (reward,), (n_tokens,) = await score_with_tokens(rm, conv)
-    return float(reward), text, time.perf_counter() - t0, n_tokens
+    return _Scored(float(reward), text, time.perf_counter() - t0, n_tokens)
 
 
 async def initial_step(spec: ChainSpec, gen: Generator, rm: RewardModel | None) -> StepRecord:
@@ -129,12 +141,12 @@ async def initial_step(spec: ChainSpec, gen: Generator, rm: RewardModel | None) 
     plan = plan_initial(spec.kernel, spec.seed, spec.key)
     tokens, finish, logprobs, endpoint, gen_latency = await _sample(spec, gen, plan)
     state = make_proposal(plan, None, tokens, finish, math.nan, logprobs)
-    rm_tokens: int | None = None
     if rm is None:
-        text, reward, rm_latency = await gen.detokenize(state.text_tokens), math.nan, 0.0
+        scored = _Scored(math.nan, await gen.detokenize(state.text_tokens), 0.0)
     else:
-        reward, text, rm_latency, rm_tokens = await _score(spec, gen, rm, state)
-        state = make_proposal(plan, None, tokens, finish, reward, logprobs)
+        scored = await _score(spec, gen, rm, state)
+        state = make_proposal(plan, None, tokens, finish, scored.reward, logprobs)
+    text = scored.text
     return StepRecord(
         step=0,
         cut=0,
@@ -148,8 +160,9 @@ async def initial_step(spec: ChainSpec, gen: Generator, rm: RewardModel | None) 
         state_text=text,
         endpoint=endpoint,
         gen_latency_s=gen_latency,
-        reward_latency_s=rm_latency,
-        reward_tokens=rm_tokens,
+        reward_latency_s=scored.latency_s,
+        reward_tokens=scored.tokens,
+        reward_terms=scored.terms,
     )
 
 
@@ -191,13 +204,12 @@ async def mcmc_step(
     tokens, finish, logprobs, endpoint, gen_latency = await _sample(spec, gen, plan)
     unusable = check_continuation(spec.kernel, plan, tokens, finish, logprobs)
     proposal: State | None = None
-    text = ""
-    rm_latency = 0.0
-    rm_tokens: int | None = None
+    scored = _Scored(math.nan, "", 0.0)
     if unusable is None:
         unscored = make_proposal(plan, current, tokens, finish, math.nan, logprobs)
-        reward, text, rm_latency, rm_tokens = await _score(spec, gen, rm, unscored)
-        proposal = make_proposal(plan, current, tokens, finish, reward, logprobs)
+        scored = await _score(spec, gen, rm, unscored)
+        proposal = make_proposal(plan, current, tokens, finish, scored.reward, logprobs)
+    text = scored.text
     decision = decide(spec.kernel, plan, current, proposal, unusable)
     accepted = decision.accepted and proposal is not None
     return StepRecord(
@@ -213,8 +225,9 @@ async def mcmc_step(
         state_text=text if accepted else current_text,
         endpoint=endpoint,
         gen_latency_s=gen_latency,
-        reward_latency_s=rm_latency,
-        reward_tokens=rm_tokens,
+        reward_latency_s=scored.latency_s,
+        reward_tokens=scored.tokens,
+        reward_terms=scored.terms,
     )
 
 

@@ -122,10 +122,10 @@ def _describe(exc: BaseException, stall_timeout: float) -> tuple[str, int | None
 
 def _keys(spec: RunSpec) -> list[str]:
     out = []
-    sections: list[GeneratorSpec | RewardSpec | None] = [spec.generator, spec.reward]
+    sections: list[GeneratorSpec | RewardSpec] = [spec.generator]
+    if spec.reward is not None:
+        sections += spec.reward.sections()
     for section in sections:
-        if section is None:
-            continue
         try:
             key = api_key(section.api_key_env, section.api_key_file)
         except CredentialsError:
@@ -163,6 +163,7 @@ def step_params(chain: repo.ChainRow, rec: StepRecord, worker: str) -> dict[str,
         "reject_reason": rec.decision.reason.value if rec.decision.reason else None,
         "gen_seed": rec.gen_seed,
         "reward_tokens": rec.reward_tokens,
+        "reward_terms": rec.reward_terms,
         "gen_latency_ms": rec.gen_latency_s * 1000.0,
         "reward_latency_ms": rec.reward_latency_s * 1000.0,
         "endpoint": rec.endpoint,

@@ -129,18 +129,7 @@ class RunSpec:
                 "vocab_size": gen.vocab_size,
                 "template_url": None if gen.template_url is None else list(gen.template_url),
             },
-            "reward": None
-            if rm is None
-            else {
-                "format": rm.format,
-                "urls": list(rm.urls),
-                "model": rm.model,
-                "timeout": rm.timeout,
-                "max_retries": rm.max_retries,
-                "batch_size": rm.batch_size,
-                "api_key_env": rm.api_key_env,
-                "api_key_file": rm.api_key_file,
-            },
+            "reward": None if rm is None else rm.to_config(),
             "execution": {
                 "concurrency": self.execution.concurrency,
                 "max_attempts": self.execution.max_attempts,

@@ -51,6 +51,7 @@ def _proposal_fields() -> dict[str, Any]:
                 "endpoint",
                 "worker",
                 "created_at",
+                "reward_terms",
             )
         },
     }
@@ -112,6 +113,8 @@ def _arrow_type(name: str, column: Any) -> Any:
         return pa.string()
     if isinstance(sql_type, JSON) and name in _TOKEN_ID_COLUMNS:
         return pa.list_(pa.int64())
+    if isinstance(sql_type, JSON) and name == "reward_terms":
+        return pa.map_(pa.string(), pa.float64())
     raise ExportSchemaError(
         f"export column {name!r} has SQL type {sql_type!r} with no Parquet type"
     )

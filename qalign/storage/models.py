@@ -205,6 +205,8 @@ class Proposal(Base):
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # a composite reward's terms by name (raw, unweighted; non-finite ones as null)
+    reward_terms: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class StepError(Base):

@@ -455,7 +455,7 @@ STEP_PARAMS = (
     "chain_id", "run_id", "step", "cut", "new_tokens", "response_len", "text", "reward",
     "log_a", "alpha", "accepted", "finish", "reject_reason", "gen_seed", "reward_tokens",
     "gen_latency_ms", "reward_latency_ms", "endpoint", "worker", "state_tokens",
-    "state_logprobs", "state_reward", "state_finish", "state_text",
+    "state_logprobs", "state_reward", "state_finish", "state_text", "reward_terms",
 )  # fmt: skip
 
 
@@ -483,6 +483,8 @@ def commit_step(sessions: Sessions, params: dict[str, Any]) -> bool:
     p["state_logprobs"] = _json_logprobs(p["state_logprobs"])
     p["state_reward"] = _finite_or_none(p["state_reward"])
     p["state_text"] = _text(p["state_text"])
+    if p["reward_terms"] is not None:
+        p["reward_terms"] = {k: _finite_or_none(v) for k, v in p["reward_terms"].items()}
     p["created_at"] = utcnow()
     return hotpath.commit(_engine(sessions), p)
 
