@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qalign.clients.base import Conversation, RewardModel
-from qalign.core import Decision, Finish, KernelConfig, State, kernel_config
+from qalign.core import Finish, KernelConfig, State, kernel_config
 from qalign.model import RemoteVLLM
 from qalign.sampling.ancestral import ancestral_records, chain_specs
 from qalign.sampling.local import run_chain
 from qalign.sampling.loop import run_sync
-from qalign.sampling.step import ChainSpec, StepRecord, reward_conversation
+from qalign.sampling.step import ChainSpec, StepRecord, reward_conversation, warm_start_step
 
 Callback = Callable[["ChainStates"], object]
 WarmStart = Mapping[str, Any] | str | Sequence[int]
@@ -231,21 +231,7 @@ class QAlign:
             (score,) = await self.reward_model.score([reward_conversation(spec.messages, text)])
             reward = score
         state = State(tokens=tokens, reward=float(reward), finish=finish, logprobs=lps)
-        return StepRecord(
-            step=0,
-            cut=0,
-            gen_seed=0,
-            new_tokens=tokens,
-            finish=finish,
-            proposal=state,
-            proposal_text=text,
-            decision=Decision(0.0, 1.0, True),
-            state=state,
-            state_text=text,
-            endpoint="warm_start",
-            gen_latency_s=0.0,
-            reward_latency_s=0.0,
-        )
+        return warm_start_step(state, text)
 
     # ---- running --------------------------------------------------------------------------
     async def _records(

@@ -89,6 +89,14 @@ def _check_http_urls(urls: list[str]) -> list[str]:
     return [u.rstrip("/") for u in urls]
 
 
+def _optional_list(value: Any) -> Any:
+    return None if value is None else _as_list(value)
+
+
+def _optional_http(value: list[str] | None) -> list[str] | None:
+    return None if value is None else _check_http_urls(value)
+
+
 def _check_key_source(env: str | None, file: str | None) -> None:
     if env is not None and file is not None:
         raise ValueError("give `api_key_env` or `api_key_file`, not both")
@@ -115,15 +123,8 @@ class GeneratorConfig(_Strict):
     _urls = field_validator("urls", "model", mode="before")(_as_list)
     _http = field_validator("urls")(_check_http_urls)
 
-    @field_validator("template_url", mode="before")
-    @classmethod
-    def _template_urls(cls, value: Any) -> Any:
-        return None if value is None else _as_list(value)
-
-    @field_validator("template_url")
-    @classmethod
-    def _template_http(cls, value: list[str] | None) -> list[str] | None:
-        return None if value is None else _check_http_urls(value)
+    _template = field_validator("template_url", mode="before")(_optional_list)
+    _template_http = field_validator("template_url")(_optional_http)
 
     @model_validator(mode="after")
     def _key_source(self) -> GeneratorConfig:
@@ -155,15 +156,8 @@ class RewardTermConfig(_Strict):
     api_key_env: str | None = None
     api_key_file: str | None = None
 
-    @field_validator("urls", mode="before")
-    @classmethod
-    def _term_urls(cls, value: Any) -> Any:
-        return None if value is None else _as_list(value)
-
-    @field_validator("urls")
-    @classmethod
-    def _term_http(cls, value: list[str] | None) -> list[str] | None:
-        return None if value is None else _check_http_urls(value)
+    _urls = field_validator("urls", mode="before")(_optional_list)
+    _http = field_validator("urls")(_optional_http)
 
     @model_validator(mode="after")
     def _kind_needs(self) -> RewardTermConfig:
@@ -194,15 +188,8 @@ class RewardConfig(_Strict):
     api_key_file: str | None = None
     terms: Annotated[list[RewardTermConfig], Field(min_length=1, max_length=16)] | None = None
 
-    @field_validator("urls", mode="before")
-    @classmethod
-    def _reward_urls(cls, value: Any) -> Any:
-        return None if value is None else _as_list(value)
-
-    @field_validator("urls")
-    @classmethod
-    def _reward_http(cls, value: list[str] | None) -> list[str] | None:
-        return None if value is None else _check_http_urls(value)
+    _urls = field_validator("urls", mode="before")(_optional_list)
+    _http = field_validator("urls")(_optional_http)
 
     @model_validator(mode="after")
     def _key_source(self) -> RewardConfig:
