@@ -634,7 +634,8 @@ def _answer_stated_after(text: str) -> str | None:
     if found:
         rest = text[found[-1].end() :]
         sentence = re.split(r"\n|\.(?=\s|$)", rest.strip(" \t*"), maxsplit=1)[0]
-        sentence = re.sub(r"\\[()\[\]]|\$", " ", sentence).strip(" \t*.")
+        # Without math delimiters and quotes ('the final answer is "$12$ and $13$"').
+        sentence = re.sub(r"\\[()\[\]]|\$|\\?[\"“”]", " ", sentence).strip(" \t*.")
         # Math has a digit, a command or is one token; "I hope it is correct" is not an answer.
         if re.search(r"[\d\\]", sentence) or re.fullmatch(r"\S+", sentence):
             return sentence
