@@ -242,32 +242,30 @@ def _cut_new_problem(response: str) -> str:
     return response
 
 
-# A paragraph that comments on the answer after giving it: a note, a check, another method,
-# a parenthesised remark, or the same quantity in other units.
+# The start of a paragraph that comments on the answer after giving it: a note, a check,
+# another method, a remark wholly in parentheses, or the same quantity in other units.
 _TRAILER = re.compile(
-    r"(?im)^[ \t>*#_]*(?:\(|(?:notes?|remarks?|check(?:ing)?|verification|verify|sanity\s+check"
-    r"|double[- ]?check(?:ing)?|alternatively|alternative\s+(?:method|solution|approach)"
-    r"|bonus|p\.\s?s\.|explanation|to\s+(?:double[- ]?)?(?:check|verify|confirm)"
-    r"|let['’]?s\s+(?:double[- ]?)?(?:check|verify|confirm)"
-    r"|in\s+[a-z]+(?:\s+[a-z]+)?,?\s+(?:that|this|it)\s+(?:is|would\s+be|equals)"
+    r"(?i)[ \t>*#_]*(?:\((?=[\s\S]*\)[.!]?\s*$)|(?:notes?|remarks?|check(?:ing)?|verification"
+    r"|verify|sanity\s+check|double[- ]?check(?:ing)?|alternatively"
+    r"|alternative\s+(?:method|solution|approach)|bonus|p\.\s?s\.|explanation"
+    r"|to\s+(?:double[- ]?)?(?:check|verify|confirm)|let['’]?s\s+(?:double[- ]?)?(?:check|verify"
+    r"|confirm)|in\s+[a-z]+(?:\s+[a-z]+)?,?\s+(?:that|this|it)\s+(?:is|would\s+be|equals)"
     r"|(?:this|that)\s+is\s+(?:equal|equivalent)\s+to|converting)(?!\w))"
-)
-# Words that conclude a solution: a trailer candidate followed by one of these is not a trailer.
-_CONCLUSION = re.compile(
-    r"(?i)\b(?:therefore|thus|hence|so,|in\s+total|altogether|in\s+conclusion|in\s+all"
-    r"|final(?:ly)?|answer)\b"
 )
 
 
 def _cut_trailer(text: str) -> str:
-    """`text` without its trailing comment paragraphs (see _TRAILER): cut at the first one after
-    whose line nothing concludes again, provided a number comes before it."""
-    for m in _TRAILER.finditer(text):
-        line_end = text.find("\n", m.end())
-        if m.start() == 0 or (line_end >= 0 and _CONCLUSION.search(text[line_end:])):
+    """`text` without its trailing comment paragraphs (_TRAILER). They must close the text:
+    every paragraph after the first of them is another comment or holds no number (a note in
+    the middle of the working, followed by more working, stays); and a number must come before
+    them."""
+    starts = [0] + [m.end() for m in re.finditer(r"\n[ \t]*\n", text)]
+    paragraphs = [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
+    for i in range(1, len(paragraphs)):
+        if not _TRAILER.match(paragraphs[i]) or not _numbers(text[: starts[i]]):
             continue
-        if _numbers(text[: m.start()]):
-            return text[: m.start()]
+        if all(_TRAILER.match(p) or not _numbers(p) for p in paragraphs[i + 1 :]):
+            return text[: starts[i]]
     return text
 
 
