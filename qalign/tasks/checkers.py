@@ -841,8 +841,8 @@ def _choice_rules(cls: str) -> list[tuple[str, ...]]:
         ("bold", rf"\*\*\s*\(?(?P<l>[{cls}])\)?(?:[.):][^*\n]*)?\s*\*\*"),
         ("paren", rf"\((?P<l>[{cls}])\)"),
         ("line_start", rf"(?m)^[ \t>*#-]*\(?{line_letter}(?:\)\.|[.):])(?=[\s*]|$)"),
-        # "it is b) because ...": an option marker anywhere.
-        ("marker", rf"(?<![\w(])(?P<l>[{cls}{lower_cls}])\)"),
+        # "it is b) because ...": an option marker anywhere, but not the end of "(a + b)".
+        ("marker", rf"(?<![\w(])(?<![-+*/=^×·]\s)(?P<l>[{cls}{lower_cls}])\)"),
     ]
 
 
