@@ -23,6 +23,7 @@ import pytest
 from qalign.tasks.base import Check
 from qalign.tasks.checkers import (
     MathWorkerPool,
+    boxes,
     canonical_number,
     check_choice,
     check_gsm8k,
@@ -30,6 +31,7 @@ from qalign.tasks.checkers import (
     check_math,
     extract_choice,
     last_boxed,
+    math_answer_parts,
     math_pool,
 )
 from qalign.tasks.ifeval_checks import (
@@ -157,6 +159,11 @@ def test_gsm8k_solution_bodies_last_number():
         # A hyphen between numbers or a bullet is not a minus sign.
         ("A 5-year-old gets 3-4 cookies", "4"),
         ("- 5 apples", "5"),
+        ("He pays 1 200 000 in total.", "1200000"),  # space thousands separators
+        ("The answer is 12\u202f500.", "12500"),
+        ("Step 2 100 people come.", "100"),  # a label number is no thousands group
+        ("It is 18.\n\nQuestion: What is 2 + 3?\nAnswer: 5", "18"),  # a new question is cut
+        ("It takes 3 hours, which is 180 minutes.", "3"),  # a restatement is no answer
         ("Vitamin B12", None),
         ("x2", None),
         ("no numbers here", None),
@@ -211,6 +218,23 @@ def test_last_boxed_matches_braces():
     assert last_boxed("\\fbox{7}") == "7"
     assert last_boxed("\\boxed{unclosed") is None
     assert last_boxed("nothing") is None
+
+
+def test_boxes_in_order_with_spans():
+    text = "a \\boxed{1} b \\boxed{\\frac{1}{2}} \\boxed{unclosed"
+    found = boxes(text)
+    assert [b.content for b in found] == ["1", "\\frac{1}{2}"]
+    assert [text[b.start : b.end] for b in found] == ["\\boxed{1}", "\\boxed{\\frac{1}{2}}"]
+
+
+def test_math_answer_parts():
+    assert math_answer_parts("$x = \\boxed{2}$ and $x = \\boxed{-3}$.") == ["2", "-3"]
+    assert math_answer_parts("\\boxed{1},\\boxed{2}, or \\boxed{1}") == ["1", "2"]
+    assert math_answer_parts("\\boxed{4}. The area is $16$, so \\boxed{16}") == ["16"]
+    assert math_answer_parts("$\\boxed{4}$, so the final answer is $16$.") == ["16"]
+    assert math_answer_parts("$\\boxed{4}$. Therefore, the area is $16$.") == ["16"]
+    assert math_answer_parts("$\\boxed{4}$. Final answer: I hope it is correct.") == ["4"]
+    assert math_answer_parts("no box, the answer is 3") is None
 
 
 # =============================================================================================
@@ -284,6 +308,8 @@ def test_math_voting_keys():
     assert key("\\boxed{\\frac{1}{3}}") != key("\\boxed{0.333}")
     assert key("\\boxed{18}") == key("\\boxed{18.0}") == key("The answer is 18") == "18"
     assert key("\\boxed{2\\sqrt{2}}") == "2*sqrt(2)"
+    # Boxed values of a set: one key whatever the order.
+    assert key("$x = \\boxed{2}$ and $x = \\boxed{-3}$") == key("\\boxed{-3}, \\boxed{2}")
     assert key("nothing to see") is None
 
 
@@ -1138,14 +1164,18 @@ def test_ifeval_loose_variants():
 @pytest.mark.parametrize(
     ("text", "n"),
     [
+        # The counts NLTK's Punkt (the reference's tokenizer) gives.
         ("Hello world. This is Mr. Smith. He lives in the U.S. now.", 3),
         ("I think so... and then? Yes! Done", 3),
-        ("e.g. this is one. And two.", 2),
+        ("e.g. this is one. And two.", 3),  # "e.g." is not among Punkt's abbreviations
         ("Item 1\nItem 2\nItem 3", 1),  # a line break alone ends no sentence
         ("J. K. Rowling wrote it. It sold well.", 2),
         ("The price is 3.5 dollars. OK.", 2),
         ('"Hi." She said. Bye', 3),
-        ("Wait... Then it happened.", 2),
+        ("Wait... Then it happened.", 1),
+        ("Plan B. It works.", 2),
+        ("Vitamin C. It helps.", 1),  # "c" is a learned abbreviation
+        ("Steps:\n1. Mix the flour.\n2. Add eggs.", 4),  # "1." before a capital is a sentence
         ("One sentence without a stop", 1),
         ("", 0),
     ],
