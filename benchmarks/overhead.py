@@ -131,6 +131,8 @@ class Sampler:
         if hi is None:
             lo, hi = self.points[0], self.points[-1]
         steps = hi[2] - lo[2]
+        if steps <= 0:
+            raise RuntimeError(f"no step was committed between the samples {self.points}")
         return {
             "window_steps": steps,
             "cpu_ms_per_step": 1000 * (hi[1] - lo[1]) / steps,
@@ -177,6 +179,9 @@ def measure(
     sampler = Sampler(url)
     spy: subprocess.Popen[bytes] | None = None
     try:
+        # A first sample before any step is enqueued: a quick sweep can finish while
+        # `sweep run` is still returning, and the window needs a start below 20 %.
+        sampler.sample(proc.pid)
         if kind == "celery":
             cli("sweep", "run", "overhead", "--database", url, env=env)
         deadline = time.monotonic() + 900
