@@ -299,8 +299,9 @@ def predict_command(
 @_analysis_options
 def report_command(sweeps: tuple[str, ...], out_dir: str, **kw: Any) -> None:
     """Write OUT/report.md: runs, accuracy with intervals per budget and compute per task and
-    method, and PNG plots (error vs compute, acceptance rate and reward traces per step,
-    accuracy vs β). Needs `qalign eval` first.
+    method, convergence diagnostics of the chains (R-hat, bulk and tail ESS of the states'
+    reward and length), and PNG plots (error vs compute, acceptance rate and reward traces per
+    step, accuracy vs β). Needs `qalign eval` first.
 
     Baselines come from `ancestral` runs (MV, WMV, BoN; MBR for tasks whose answers cannot be
     voted on), QAlign from chain runs; give several sweeps to compare them.

@@ -74,13 +74,14 @@ def _failure_reasons(sessions: Any, sweep_id: int) -> dict[int, list[dict[str, A
     return out
 
 
-def _status_rows(sessions: Any, sweep_id: int) -> list[dict[str, Any]]:
+def _status_rows(sessions: Any, sweep_id: int, *, diagnostics: bool = True) -> list[dict[str, Any]]:
     from qalign.storage import repo
 
     now = dt.datetime.now(dt.UTC)
     failures = _failure_reasons(sessions, sweep_id)
     rows = []
     for r in repo.sweep_status(sessions, sweep_id):
+        diag = _diagnostics(sessions, r.run_id, r.method) if diagnostics else None
         elapsed = None
         if r.first_at is not None and r.last_at is not None:
             first = r.first_at if r.first_at.tzinfo else r.first_at.replace(tzinfo=dt.UTC)
@@ -122,10 +123,19 @@ def _status_rows(sessions: Any, sweep_id: int) -> list[dict[str, Any]]:
                 "eta_s": eta,
                 "failures": failures.get(r.run_id, []),
                 "extended_at": None if r.extended_at is None else r.extended_at.isoformat(),
+                "diagnostics": diag,
                 "as_of": now.isoformat(),
             }
         )
     return rows
+
+
+def _diagnostics(sessions: Any, run_id: int, method: str) -> Any:
+    """The `RunDiagnostics` of a chain run; None for runs without chains."""
+    from qalign.analysis.convergence import run_diagnostics
+    from qalign.analysis.data import CHAIN_RUN_METHODS
+
+    return run_diagnostics(sessions, run_id) if method in CHAIN_RUN_METHODS else None
 
 
 def _fmt(x: Any, spec: str = ".3f") -> str:
@@ -134,25 +144,44 @@ def _fmt(x: Any, spec: str = ".3f") -> str:
     return format(x, spec)
 
 
-def print_status(sessions: Any, sweep_id: int, as_json: bool) -> None:
-    rows = _status_rows(sessions, sweep_id)
+def _pair(d: Any, value: Any, spec: str) -> str:
+    """`reward/length` of one pooled diagnostic, e.g. "1.02/1.10"; "-" where undefined."""
+    if d is None:
+        return "-"
+    return "/".join(_fmt(value(d.pooled(q)), spec) for q in ("reward", "length"))
+
+
+def print_status(sessions: Any, sweep_id: int, as_json: bool, *, diagnostics: bool = True) -> None:
+    rows = _status_rows(sessions, sweep_id, diagnostics=diagnostics)
     if as_json:
         from qalign.storage.export import json_safe
 
+        out = [{**r, "diagnostics": r["diagnostics"] and r["diagnostics"].to_json()} for r in rows]
         # Strict JSON: consumers such as jq reject the Infinity/NaN tokens Python would print.
-        click.echo(json.dumps(json_safe(rows), indent=2, allow_nan=False))
+        click.echo(json.dumps(json_safe(out), indent=2, allow_nan=False))
         return
+    diag = "" if not diagnostics else f" {'rhat r/l':>11} {'ess r/l':>11}"
     click.echo(
         f"{'run':<44} {'chains':>11} {'steps':>13} {'accept':>7} {'reward':>8} "
-        f"{'errors':>6} {'step/s':>7} {'eta':>8}"
+        f"{'errors':>6} {'step/s':>7} {'eta':>8}{diag}"
     )
     for r in rows:
         eta = "-" if r["eta_s"] is None else str(dt.timedelta(seconds=round(r["eta_s"])))
+        if diagnostics:
+            d = r["diagnostics"]
+            rhat = _pair(d, lambda p: p.rhat_max, ".2f")
+            diag = f" {rhat:>11} {_pair(d, lambda p: p.ess_min, '.0f'):>11}"
         click.echo(
             f"{r['run'][:44]:<44} {r['chains_done']:>5}/{r['chains_total']:<5} "
             f"{r['steps_done']:>6}/{r['steps_total']:<6} {_fmt(r['acceptance_rate'], '.2f'):>7} "
             f"{_fmt(r['mean_reward']):>8} {r['errors'] + r['chains_failed']:>6} "
-            f"{_fmt(r['steps_per_s'], '.1f'):>7} {eta:>8}"
+            f"{_fmt(r['steps_per_s'], '.1f'):>7} {eta:>8}{diag}"
+        )
+    if diagnostics and any(r["diagnostics"] is not None for r in rows):
+        click.echo(
+            "rhat r/l: the largest rank-normalised split-R-hat over prompts of the chain states' "
+            "reward / length (want <= 1.01)\n"
+            "ess r/l:  the smallest bulk or tail ESS over prompts (--json: medians, bulk and tail)"
         )
     for r in rows:
         for f in r["failures"][:5]:
@@ -529,13 +558,20 @@ def sweep_cancel(sweep: str, database: str | None) -> None:
 @click.argument("sweep")
 @click.option("--database", envvar="QALIGN_DATABASE_URL", help=DB_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def sweep_status(sweep: str, database: str | None, as_json: bool) -> None:
-    """Per run: chains and steps done, acceptance rate, mean reward, errors, throughput, ETA.
+@click.option(
+    "--no-diagnostics",
+    is_flag=True,
+    help="Skip R-hat and ESS: they read every proposal of the sweep, the rest reads only chains.",
+)
+def sweep_status(sweep: str, database: str | None, as_json: bool, no_diagnostics: bool) -> None:
+    """Per run: chains and steps done, acceptance rate, mean reward, errors, throughput, ETA,
+    and the convergence diagnostics of chain runs (R-hat, bulk and tail ESS; Vehtari et al.
+    2021) of the states' reward and response length.
 
     Example: qalign sweep status my-sweep --json
     """
     sessions = _sessions(database, upgrade=False)
-    print_status(sessions, _sweep_id(sessions, sweep), as_json)
+    print_status(sessions, _sweep_id(sessions, sweep), as_json, diagnostics=not no_diagnostics)
 
 
 @sweep_group.command("reap")

@@ -4,6 +4,8 @@
 - `data`: load a run's independent samples or chain trajectories with their verdicts.
 - `predict` (pure): MV, WMV, BoN, MBR and QAlign predictions; accuracy curves over budgets with
   bootstrap intervals and compute (tokens, FLOPs).
+- `convergence`: R-hat and bulk/tail ESS of the chains' state reward and length, per prompt and
+  pooled per run (`qalign sweep status`, `qalign report`).
 - `report` (`qalign predict`, `qalign report`): curves per run and method; Markdown + PNG report.
 """
 

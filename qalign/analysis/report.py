@@ -17,6 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from qalign.analysis import predict as P
+from qalign.analysis.convergence import (
+    QUANTITIES,
+    RHAT_THRESHOLD,
+    RunDiagnostics,
+    run_diagnostics,
+)
 from qalign.analysis.data import (
     AnalysisError,
     RunInfo,
@@ -115,6 +121,7 @@ class RunTraces:
     summary: RunSummary
     acceptance: list[tuple[int, float, int]] = field(default_factory=list)
     rewards: list[tuple[int, float, int]] = field(default_factory=list)
+    diagnostics: RunDiagnostics | None = None  # chain runs: R-hat and ESS
 
 
 def _finite(d: dict[str, Any]) -> dict[str, Any]:
@@ -444,6 +451,7 @@ def write_report(
             t.acceptance = acceptance_by_step(sessions, run.id)
             t.rewards = P.mean_state_reward([c for cs in chains.values() for c in cs])
             del chains
+            t.diagnostics = run_diagnostics(sessions, run.id, burn_in=settings.burn_in)
         else:
             methods = _methods_for(run, votable, scored)
             all_curves.extend(run_curves(sessions, run, task, methods, run_settings))
@@ -515,6 +523,7 @@ def write_report(
             "",
             "![reward traces](rewards.png)",
             "",
+            *_markdown_diagnostics(chain_traces, settings.burn_in),
         ]
     path = out_dir / "report.md"
     path.write_text("\n".join(md) + "\n")
@@ -524,6 +533,11 @@ def write_report(
                 "sweeps": [name for _, name in sweeps],
                 "settings": _finite(dataclasses.asdict(settings)),
                 "curves": [c.to_json() for c in all_curves],
+                "diagnostics": {
+                    t.run.label: t.diagnostics.to_json(per_prompt=True)
+                    for t in traces
+                    if t.diagnostics is not None
+                },
                 "images": images,
             },
             indent=2,
@@ -600,6 +614,58 @@ def _markdown_head(
     ]
     md += [*_table(header, rows), ""]
     return md
+
+
+def _rhat_cell(x: float) -> str:
+    return "∞" if x == math.inf else _fmt(x)
+
+
+def _markdown_diagnostics(traces: Sequence[RunTraces], burn_in: int) -> list[str]:
+    """The convergence diagnostics of each chain run, pooled over its prompts."""
+    dropped = f", less the first {burn_in} of each chain (the burn-in)" if burn_in else ""
+    md = [
+        "### Convergence diagnostics",
+        "",
+        "Rank-normalised split-R-hat and bulk and tail effective sample sizes (Vehtari et al. "
+        "2021, as ArviZ computes them) of the chain states' reward and response length "
+        "(tokens), for each prompt over its chains, with the state after every step (step 0 "
+        f"included) as a draw{dropped}. Per run: the largest and the median prompt R-hat "
+        "(∞: a prompt's chains are each stuck at a different value), the prompts whose R-hat "
+        f"exceeds {RHAT_THRESHOLD}, and the smallest and the median prompt ESS. A prompt whose "
+        "R-hat is undefined (every state equal, or fewer than 4 states) is left out of the "
+        "R-hat figures. `report.json` has every prompt's values.",
+        "",
+    ]
+    rows = []
+    for t in traces:
+        d = t.diagnostics
+        if d is None:
+            continue
+        for q in QUANTITIES:
+            p = d.pooled(q)
+            rows.append(
+                [
+                    t.run.label,
+                    q,
+                    str(p.prompts),
+                    _rhat_cell(p.rhat_max),
+                    _rhat_cell(p.rhat_median),
+                    str(p.rhat_over),
+                    f"{_fmt(p.ess_bulk_min, '.0f')} ({_fmt(p.ess_bulk_median, '.0f')})",
+                    f"{_fmt(p.ess_tail_min, '.0f')} ({_fmt(p.ess_tail_median, '.0f')})",
+                ]
+            )
+    header = [
+        "run",
+        "quantity",
+        "prompts",
+        "R-hat max",
+        "R-hat median",
+        f"prompts with R-hat > {RHAT_THRESHOLD}",
+        "bulk ESS min (median)",
+        "tail ESS min (median)",
+    ]
+    return [*md, *_table(header, rows), ""]
 
 
 def _markdown_task(task: str, cs: Sequence[Curve]) -> list[str]:

@@ -1,4 +1,8 @@
-"""Pure sampling logic: states, cut distributions, the MH kernel, randomness, voting. No IO."""
+"""Pure sampling logic: states, cut distributions, the MH kernel, randomness, voting. No IO.
+
+`qalign.core.diagnostics` (R-hat and ESS of MCMC draws) is imported on its own: it needs NumPy,
+which the sampling path does not.
+"""
 
 from qalign.core.index import Block, IndexDistribution, Uniform, Zero, index_distribution
 from qalign.core.kernel import (
