@@ -495,6 +495,9 @@ class _Stats:
         # ignores them; tests check that a client sends them)
         self.template_kwargs: dict[str, int] = {}
         self.prompt_logprob_tokens = 0
+        # scoring requests answered with the sigmoid applied: a client's startup probe of
+        # use_activation sends one, so tests can tell probes from scoring
+        self.activated_requests = 0
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -509,6 +512,7 @@ class _Stats:
             "temperatures": dict(self.temperatures),
             "template_kwargs": dict(self.template_kwargs),
             "prompt_logprob_tokens": self.prompt_logprob_tokens,
+            "activated_requests": self.activated_requests,
         }
 
 
@@ -1162,6 +1166,8 @@ class _Handlers:
             raise _bad("use_activation must be a boolean", "use_activation")
         if s.options.ignore_use_activation or use_act is None:
             use_act = True
+        if body.get("use_activation", body.get("activation")) is True:
+            s.stats.activated_requests += 1
         if body.get("normalize") is not None or body.get("softmax") is not None:
             raise _bad("`normalize` / `softmax` were removed; use `use_activation`")
         inputs = self._pooling_inputs(body)
