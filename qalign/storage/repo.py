@@ -29,6 +29,7 @@ from qalign.storage.models import (
     ChainStatus,
     Prompt,
     PromptEncoding,
+    Proposal,
     Run,
     StepError,
     Sweep,
@@ -38,7 +39,14 @@ from qalign.storage.models import (
 )
 
 Sessions = sessionmaker[Session]
-FINAL = (ChainStatus.DONE.value, ChainStatus.FAILED.value, ChainStatus.CANCELLED.value)
+FINAL = (
+    ChainStatus.DONE.value,
+    ChainStatus.FAILED.value,
+    ChainStatus.CANCELLED.value,
+    ChainStatus.CONVERGED.value,
+)
+# chains that reached their end: a warm start may take their state
+FINISHED = (ChainStatus.DONE.value, ChainStatus.CONVERGED.value)
 
 
 class SweepExistsError(ValueError):
@@ -290,7 +298,7 @@ def _warm_sources(
         for p in prompts:
             for k in range(int(run["chains_per_prompt"])):
                 row = found.get((src_run.id, p.index, k))
-                if row is None or row[4] != ChainStatus.DONE.value or row[6] is None:
+                if row is None or row[4] not in FINISHED or row[6] is None:
                     unfinished += 1
                     continue
                 if row[8] is None or not math.isfinite(row[8]):
@@ -395,6 +403,63 @@ def chain_target(sessions: Sessions, chain_id: int) -> int:
     with sessions() as s:
         target = s.execute(select(Chain.target_steps).where(Chain.id == chain_id)).scalar_one()
     return int(target)
+
+
+@dataclass(frozen=True)
+class Sibling:
+    """A chain of a prompt's run, as the `stop_when` checkpoint sees it."""
+
+    chain_id: int
+    current_step: int
+    status: str
+
+
+def prompt_chains(sessions: Sessions, run_id: int, prompt_id: int) -> list[Sibling]:
+    """The chains of one prompt in one run, in chain order."""
+    with sessions() as s:
+        rows = s.execute(
+            select(Chain.id, Chain.current_step, Chain.status)
+            .where(Chain.run_id == run_id, Chain.prompt_id == prompt_id)
+            .order_by(Chain.chain_index)
+        ).all()
+    return [Sibling(int(c), int(k), str(st)) for c, k, st in rows]
+
+
+def state_rows(
+    sessions: Sessions, chain_ids: Sequence[int], upto: int
+) -> list[tuple[int, int, bool, float | None, int]]:
+    """(chain id, step, accepted, reward, response_len) of the chains' proposals at steps
+    0..`upto`, in the order of `chain_ids`, then by step."""
+    with sessions() as s:
+        rows = s.execute(
+            select(Proposal.chain_id, Proposal.step, Proposal.accepted, Proposal.reward,
+                   Proposal.response_len)
+            .where(Proposal.chain_id.in_(list(chain_ids)), Proposal.step <= upto)
+            .order_by(Proposal.chain_id, Proposal.step)
+        ).all()  # fmt: skip
+    order = {cid: i for i, cid in enumerate(chain_ids)}
+    out = [(int(c), int(k), bool(a), r, int(n)) for c, k, a, r, n in rows]
+    return sorted(out, key=lambda row: (order[row[0]], row[1]))
+
+
+def retire_converged(sessions: Sessions, run_id: int, prompt_id: int, step: int) -> int:
+    """Mark the prompt's unfinished chains at `step` `converged`; returns how many moved.
+
+    Idempotent: every process that checks the same checkpoint reaches the same verdict, so a
+    second call finds nothing left to move.
+    """
+    with sessions.begin() as s:
+        return _rowcount(
+            s,
+            update(Chain)
+            .where(
+                Chain.run_id == run_id,
+                Chain.prompt_id == prompt_id,
+                Chain.current_step == step,
+                Chain.status.not_in(FINAL),
+            )
+            .values(status=ChainStatus.CONVERGED.value, updated_at=utcnow()),
+        )
 
 
 def run_settings(sessions: Sessions, run_id: int) -> tuple[int, dict[str, Any]]:
