@@ -204,3 +204,33 @@ def test_status_names_retired_prompts_and_both_rewards_apart(stopped_sweep: str)
         # a retired chain's steps are all done: the run is complete
         assert r["steps_done"] == r["steps_total"] and r["eta_s"] == 0.0
         assert all(p["step"] in (8, 12, 16, 20, 24, 28) for p in r["converged_prompts"])
+
+
+def test_a_checkpoint_waits_for_siblings_and_a_failed_sibling_releases_it(tmp_path: Path) -> None:
+    """Chains at a checkpoint wait for a sibling still before it; when that sibling fails for
+    good, they are handed on and go on without a verdict (none is possible without it)."""
+    from sqlalchemy import update
+
+    from qalign.steps.outcome import Result
+    from qalign.storage import repo
+
+    url = f"sqlite:///{tmp_path / 'gate.sqlite'}"
+    ensure_schema(url)
+    sessions = make_sessionmaker(make_engine(url))
+    cfg = sweep_config("gate", "http://127.0.0.1:9", "http://127.0.0.1:9", prompts=1, beta=1.0,
+                       steps=20, chains=3, stop_when=RULE.to_config())  # fmt: skip
+    create_sweep(sessions, parse_config(cfg), check=False)
+    with sessions.begin() as s:
+        ids = list(s.execute(select(Chain.id).order_by(Chain.chain_index)).scalars())
+        for cid, step in zip(ids, (8, 8, 5), strict=True):
+            s.execute(update(Chain).where(Chain.id == cid).values(current_step=step,
+                                                                   status="running"))  # fmt: skip
+    service = StepService(sessions)
+    first = repo.read_chain(sessions, ids[0])
+    gate, wake = service._checkpoint(first, 8, RULE)
+    assert gate is not None and gate.result is Result.WAITING and wake == ()
+    with sessions.begin() as s:
+        s.execute(update(Chain).where(Chain.id == ids[2]).values(status="failed"))
+    released = service._released_by_failure(repo.read_chain(sessions, ids[2]), RULE)
+    assert released == ((ids[0], 9), (ids[1], 9))
+    assert service._checkpoint(first, 8, RULE) == (None, ())  # no verdict: go on
