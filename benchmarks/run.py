@@ -34,6 +34,7 @@ BENCHMARKS = [
     ("token_efficiency", "token_efficiency.py", False),
     ("saturation", "saturation.py", False),
     ("overoptimisation", "overoptimisation.py", False),
+    ("stopping", "stopping.py", False),
     ("scale", "scale.py", False),
     ("chaos", "chaos.py", False),
     ("checkers_agreement", "checkers_agreement.py", False),

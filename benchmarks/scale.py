@@ -66,8 +66,8 @@ TASK = "benchmarks.scale:FirstWordYes"
 
 # The README's analysis queries, found by their leading comment.
 README_QUERIES = {
-    "acceptance per run": "-- acceptance rate and mean proposal reward per run",
-    "state reward per step": "-- mean reward of the chains' states at each step",
+    "acceptance per run": "-- acceptance rate and mean reward of proposals",
+    "state reward per step": "-- mean reward of current states at each step",
     "accuracy per step": "-- accuracy of the chains' states at each step",
 }
 TARGET_S = {"status": 1.0, "resume": 10.0, "query": 1.0}

@@ -254,20 +254,27 @@ def predict_command(
         return
     click.echo(f"{result[0].method_name if result else method}: {settings.describe()}")
     ci = f"{settings.confidence:.0%} CI"
-    compute = "FLOPs/prompt" if settings.params else ""
-    click.echo(
-        f"{'run':<48} {'budget':>6} {'accuracy':>8} {ci:>16} {'prompts':>7} "
-        f"{'gen tok/prompt':>14} {'RM tok/prompt':>13} {compute:>12}"
-    )
+    from qalign.analysis.names import text_table
+
+    header = ["run", "budget", "accuracy", ci, "prompts", "gen tok/prompt", "RM tok/prompt"]
+    header += ["FLOPs/prompt"] if settings.params else []
+    table = [
+        [
+            c.run.label,  # in full: runs of several sweeps differ in more than grid axes
+            str(p.budget),
+            _f(p.accuracy),
+            f"[{_f(p.ci_low)}, {_f(p.ci_high)}]",
+            str(p.prompts),
+            _f(p.gen_tokens, ".1f"),
+            _f(p.reward_tokens, ".1f"),
+            *([_f(p.flops, ".3g")] if settings.params else []),
+        ]
+        for c in result
+        for p in c.points
+    ]
+    for line in text_table(header, table, right=len(header) - 1):
+        click.echo(line)
     for c in result:
-        for p in c.points:
-            interval = f"[{_f(p.ci_low)}, {_f(p.ci_high)}]"
-            flops = _f(p.flops, ".3g") if settings.params else ""
-            click.echo(
-                f"{c.run.label[:48]:<48} {p.budget:>6} {_f(p.accuracy):>8} {interval:>16} "
-                f"{p.prompts:>7} {_f(p.gen_tokens, '.1f'):>14} {_f(p.reward_tokens, '.1f'):>13} "
-                f"{flops:>12}"
-            )
         skipped = sorted(set(settings.budgets or ()) - {p.budget for p in c.points})
         if skipped:
             click.echo(

@@ -79,6 +79,7 @@ def _status_rows(sessions: Any, sweep_id: int, *, diagnostics: bool = True) -> l
 
     now = dt.datetime.now(dt.UTC)
     failures = _failure_reasons(sessions, sweep_id)
+    retired = repo.converged_prompts(sessions, sweep_id)
     rows = []
     for r in repo.sweep_status(sessions, sweep_id):
         diag = _diagnostics(sessions, r.run_id, r.method) if diagnostics else None
@@ -107,14 +108,21 @@ def _status_rows(sessions: Any, sweep_id: int, *, diagnostics: bool = True) -> l
                 "run_id": r.run_id,
                 "run": r.name,
                 "method": r.method,
+                "generator_model": r.generator_model,
+                "beta": r.beta,
+                "temperature": r.temperature,
+                "steps": r.steps,
                 "chains_done": r.chains_done,
                 "chains_total": r.chains,
                 "chains_failed": r.chains_failed,
                 "chains_cancelled": r.chains_cancelled,
+                "chains_converged": r.chains_converged,
+                "prompts_converged": r.prompts_converged,
+                "converged_prompts": retired.get(r.run_id, []),
                 "steps_done": r.steps_done,
                 "steps_total": r.steps_total,
                 "acceptance_rate": r.acceptance_rate,
-                "mean_reward": r.mean_reward,
+                "mean_state_reward": r.mean_state_reward,
                 "errors": r.chains_with_errors,
                 "step_errors": r.step_errors,
                 "error_kinds": r.error_kinds,
@@ -160,23 +168,37 @@ def print_status(sessions: Any, sweep_id: int, as_json: bool, *, diagnostics: bo
         # Strict JSON: consumers such as jq reject the Infinity/NaN tokens Python would print.
         click.echo(json.dumps(json_safe(out), indent=2, allow_nan=False))
         return
-    diag = "" if not diagnostics else f" {'rhat r/l':>11} {'ess r/l':>11}"
-    click.echo(
-        f"{'run':<44} {'chains':>11} {'steps':>13} {'accept':>7} {'reward':>8} "
-        f"{'errors':>6} {'step/s':>7} {'eta':>8}{diag}"
-    )
-    for r in rows:
+    from qalign.analysis.names import run_columns, text_table
+
+    names, cells = run_columns(rows, name_key="run")
+    header = ["chains", "converged", "steps", "accept", "state reward", "errors", "step/s", "eta"]
+    if diagnostics:
+        header += ["rhat r/l", "ess r/l"]
+    table = []
+    for r, first in zip(rows, cells, strict=True):
         eta = "-" if r["eta_s"] is None else str(dt.timedelta(seconds=round(r["eta_s"])))
+        line = [
+            *first,
+            f"{r['chains_done'] + r['chains_converged']}/{r['chains_total']}",
+            str(r["prompts_converged"]) if r["chains_converged"] else "-",
+            f"{r['steps_done']}/{r['steps_total']}",
+            _fmt(r["acceptance_rate"], ".2f"),
+            _fmt(r["mean_state_reward"]),
+            str(r["errors"] + r["chains_failed"]),
+            _fmt(r["steps_per_s"], ".1f"),
+            eta,
+        ]
         if diagnostics:
             d = r["diagnostics"]
-            rhat = _pair(d, lambda p: p.rhat_max, ".2f")
-            diag = f" {rhat:>11} {_pair(d, lambda p: p.ess_min, '.0f'):>11}"
-        click.echo(
-            f"{r['run'][:44]:<44} {r['chains_done']:>5}/{r['chains_total']:<5} "
-            f"{r['steps_done']:>6}/{r['steps_total']:<6} {_fmt(r['acceptance_rate'], '.2f'):>7} "
-            f"{_fmt(r['mean_reward']):>8} {r['errors'] + r['chains_failed']:>6} "
-            f"{_fmt(r['steps_per_s'], '.1f'):>7} {eta:>8}{diag}"
-        )
+            line += [_pair(d, lambda p: p.rhat_max, ".2f"), _pair(d, lambda p: p.ess_min, ".0f")]
+        table.append(line)
+    for text in text_table([*names, *header], table, right=len(header)):
+        click.echo(text)
+    click.echo(
+        "chains: finished (done or converged) / all; converged: prompts whose chains stop_when "
+        "retired\nstate reward: mean reward of current states (each chain's last accepted "
+        "proposal), not of all proposals"
+    )
     if diagnostics and any(r["diagnostics"] is not None for r in rows):
         click.echo(
             "rhat r/l: the largest rank-normalised split-R-hat over prompts of the chain states' "
@@ -200,7 +222,7 @@ def _print_errors(sessions: Any, sweep_id: int) -> None:
     click.echo(f"\nfailed step attempts: {total} (retried; a chain fails after max_attempts)")
     for e in summary:
         last = " ".join(e.last_error.split())
-        click.echo(f"  {e.run_name[:40]:<40} {e.kind[:32]:<32} {e.count:>6}  last: {last[:160]}")
+        click.echo(f"  {e.run_name}: {e.kind} x{e.count}; last: {last[:160]}")
 
 
 # ---- qalign run ------------------------------------------------------------------------------
@@ -564,9 +586,9 @@ def sweep_cancel(sweep: str, database: str | None) -> None:
     help="Skip R-hat and ESS: they read every proposal of the sweep, the rest reads only chains.",
 )
 def sweep_status(sweep: str, database: str | None, as_json: bool, no_diagnostics: bool) -> None:
-    """Per run: chains and steps done, acceptance rate, mean reward, errors, throughput, ETA,
-    and the convergence diagnostics of chain runs (R-hat, bulk and tail ESS; Vehtari et al.
-    2021) of the states' reward and response length.
+    """Per run: chains and steps done, prompts retired by stop_when, acceptance rate, mean reward
+    of current states, errors, throughput, ETA, and the convergence diagnostics of chain runs
+    (R-hat, bulk and tail ESS; Vehtari et al. 2021) of the states' reward and response length.
 
     Example: qalign sweep status my-sweep --json
     """

@@ -22,6 +22,7 @@ from yaml.nodes import CollectionNode, MappingNode, Node
 
 from qalign.clients.spec import GeneratorSpec, RewardSpec
 from qalign.core import index_distribution
+from qalign.core.stopping import DEFAULT_EVERY, DEFAULT_MIN_STEPS, StopRule
 from qalign.steps.spec import ExecutionSpec, RunSpec
 
 DEFAULT_STEPS = 10
@@ -259,6 +260,18 @@ class WarmStartConfig(_Strict):
     sweep: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.:\-]+$")]
 
 
+class StopWhenConfig(_Strict):
+    """Retire a prompt's chains once they converged (see `qalign.core.stopping`)."""
+
+    rhat: Annotated[float, Field(gt=1, allow_inf_nan=False)]
+    ess: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    min_steps: Annotated[int, Field(ge=3)] = DEFAULT_MIN_STEPS
+    every: Annotated[int, Field(ge=1)] = DEFAULT_EVERY
+
+    def rule(self) -> StopRule:
+        return StopRule(rhat=self.rhat, ess=self.ess, min_steps=self.min_steps, every=self.every)
+
+
 class SweepConfig(_Strict):
     """A whole sweep. Grid axes (`beta`, `temperature`, `steps`, `generator.model`) take a value
     or a list of values; every combination is one run."""
@@ -284,6 +297,7 @@ class SweepConfig(_Strict):
     max_prompt_length: Annotated[int, Field(ge=1)] = 2048
     execution: ExecutionConfig = ExecutionConfig()
     warm_start: WarmStartConfig | None = None
+    stop_when: StopWhenConfig | None = None
 
     _grid = field_validator("beta", "temperature", "steps", mode="before")(_as_list)
 
@@ -304,6 +318,14 @@ class SweepConfig(_Strict):
                 raise ValueError("warm_start is for qalign and quest chains, not ancestral samples")
             if self.warm_start.sweep == self.name:
                 raise ValueError("warm_start.sweep names this sweep itself")
+        if self.stop_when is not None:
+            if self.method == "ancestral":
+                raise ValueError("stop_when is for qalign and quest chains, not ancestral samples")
+            if self.chains_per_prompt < 2:
+                raise ValueError(
+                    "stop_when needs chains_per_prompt >= 2: R-hat compares a prompt's chains "
+                    f"with each other (got chains_per_prompt: {self.chains_per_prompt})"
+                )
         return self
 
     def grid_axes(self) -> tuple[list[Any], ...]:
@@ -342,6 +364,7 @@ class SweepConfig(_Strict):
                     ),
                     reward=reward,
                     execution=execution,
+                    stop_when=self.stop_when.rule() if self.stop_when else None,
                 )
             )
         return out
@@ -370,8 +393,9 @@ class SweepConfig(_Strict):
             mode="json",
             exclude={"execution": True, "generator": transport, "reward": reward_exclude},
         )
-        if data.get("warm_start") is None:
-            del data["warm_start"]  # sweeps from before the key keep their fingerprint
+        for key in ("warm_start", "stop_when"):
+            if data.get(key) is None:
+                del data[key]  # sweeps from before the key keep their fingerprint
         if self.reward is not None and not self.reward.terms:
             data["reward"].pop("terms", None)  # sweeps made before composite rewards
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

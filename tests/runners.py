@@ -2,8 +2,8 @@
 
 `LocalRunner` is `qalign run` (SQLite, no broker); `CeleryRunner` is `qalign sweep create` +
 `qalign sweep run` served by a long-lived `qalign worker` (PostgreSQL, Redis). Both return when
-every chain of the sweep has settled (done or failed), and both give SQLAlchemy sessions on
-their database for the checks.
+every chain of the sweep has settled (done, failed or converged), and both give SQLAlchemy
+sessions on their database for the checks.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from qalign.storage.engine import make_engine, make_sessionmaker
 from qalign.storage.models import Chain, Run, Sweep
 from tests.sweeps_support import Broker, Worker, cli, write_config
 
-SETTLED = ("done", "failed")
+SETTLED = ("done", "failed", "converged")
 
 
 @dataclass

@@ -263,9 +263,9 @@ def test_status_json_is_strict_with_mean_over_finite_rewards(db_url: str, engine
     result = _cli("sweep", "status", "wild", "--json", "--database", db_url)
     assert result.exit_code == 0, result.output
     rows = {r["run"]: r for r in _strict_loads(result.output)}
-    assert rows["wild"]["mean_reward"] == pytest.approx(WILD_MEAN)
-    assert rows["huge"]["mean_reward"] == pytest.approx(HUGE_MEAN)
-    assert rows["unscored"]["mean_reward"] is None
+    assert rows["wild"]["mean_state_reward"] == pytest.approx(WILD_MEAN)
+    assert rows["huge"]["mean_state_reward"] == pytest.approx(HUGE_MEAN)
+    assert rows["unscored"]["mean_state_reward"] is None
 
 
 def test_run_summary_mean_reward_over_finite_rewards(engine: Engine) -> None:
@@ -275,6 +275,6 @@ def test_run_summary_mean_reward_over_finite_rewards(engine: Engine) -> None:
         run_ids = {name: run_id for name, run_id in s.execute(select(Run.name, Run.id))}
     wild = run_summary(sessions, run_ids["wild"])
     # Every chain holds each reward of its run once; 1e308 + 1e308 overflows a plain SUM.
-    assert wild.mean_reward == pytest.approx(WILD_MEAN)
-    assert run_summary(sessions, run_ids["huge"]).mean_reward == pytest.approx(HUGE_MEAN)
-    assert run_summary(sessions, run_ids["unscored"]).mean_reward is None
+    assert wild.mean_proposal_reward == pytest.approx(WILD_MEAN)
+    assert run_summary(sessions, run_ids["huge"]).mean_proposal_reward == pytest.approx(HUGE_MEAN)
+    assert run_summary(sessions, run_ids["unscored"]).mean_proposal_reward is None

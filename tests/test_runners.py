@@ -27,7 +27,7 @@ from qalign.storage.models import Chain, Prompt, Proposal, Run, StepError, Sweep
 from qalign.toy.server import ToyServerOptions, serve_in_thread
 from tests.runners import CeleryRunner, LocalRunner
 from tests.stub_servers import proxy_app, serve_in_background
-from tests.sweeps_support import ROOT, Broker, Worker, sweep_config, workers
+from tests.sweeps_support import ROOT, Broker, Worker, cli, sweep_config, workers
 
 KEY_ENV = "QALIGN_TEST_RUNNER_KEY"
 KEY = "runner-key-" + secrets.token_hex(8)
@@ -206,6 +206,62 @@ def test_both_runners_meet_the_same_faults_with_the_same_records(
     for _, status, attempts, _, last_error, _ in give_up["chains"]:
         if status == "failed":
             assert attempts == 2 and "seed" in last_error and "fails its first 2" in last_error
+
+
+STOP_WHEN = {"rhat": 1.2, "ess": 10, "min_steps": 8, "every": 4}
+
+
+def _retired(runner: Any, sweep: str) -> dict[str, tuple[str, int]]:
+    return {c.rng_key: (c.status, c.current_step) for c in chains(runner, sweep)}
+
+
+def test_stop_when_takes_effect_alike_on_both_runners(
+    servers: Any, celery_runner: CeleryRunner, tmp_path: Path
+) -> None:
+    """stop_when: `qalign run` and a worker retire the same prompts at the same checkpoint,
+    with the same proposals; those are a prefix of the same sweep without stop_when, and each
+    prompt retires at the first checkpoint where its chains' states 0..c pass the rule."""
+    from qalign.core.stopping import StopRule, state_traces, verdict
+
+    g, r = servers
+    local = LocalRunner(f"sqlite:///{tmp_path / 'local.sqlite'}", tmp_path)
+    celery_runner.tmp = tmp_path
+    views = []
+    for run in (local, celery_runner):
+        name = unique(run, "stop")
+        cfg = sweep_config(name, g.url, r.url, prompts=4, beta=1.0, steps=30, chains=3,
+                           stop_when=STOP_WHEN)  # fmt: skip
+        assert run.run(cfg).returncode == 0
+        views.append((_retired(run, name), _snapshot(run, name)["proposals"]))
+    (retired, stored), (celery_retired, celery_stored) = views
+    assert retired == celery_retired and stored == celery_stored
+    assert {status for status, _ in retired.values()} == {"converged", "done"}
+    status_out = cli("sweep", "status", name, "--database", celery_runner.db_url, "--json")
+    (row,) = json.loads(status_out.stdout)
+    steps_at = {p["prompt_index"]: p["step"] for p in row["converged_prompts"]}
+    assert row["prompts_converged"] == len(steps_at) and row["chains_converged"] == 3 * len(
+        steps_at
+    )
+
+    full = sweep_config("no-stop", g.url, r.url, prompts=4, beta=1.0, steps=30, chains=3)
+    assert local.run(full).returncode == 0
+    fixed_rows = proposals(local, "no-stop")
+    fixed = {(c.rng_key, p.step, p.cut, tuple(p.new_tokens), p.accepted, p.reward)
+             for p, c, _ in fixed_rows}  # fmt: skip
+    assert {(k, s, cut, tuple(new), a, rw) for k, s, cut, new, a, rw, _ in stored} <= fixed
+    rule = StopRule(**STOP_WHEN)
+    for prompt in range(4):
+        keys = [f"0/{prompt}/{k}" for k in range(3)]
+        rows = [(keys.index(c.rng_key), p.step, p.accepted, p.reward, p.response_len)
+                for p, c, _ in fixed_rows if c.rng_key in keys]  # fmt: skip
+        expected = None
+        for c in range(rule.min_steps, 30, rule.every):
+            if verdict(*state_traces(rows, c), rule).converged:
+                expected = c
+                break
+        got = {retired[k] for k in keys}
+        assert got == ({("converged", expected)} if expected is not None else {("done", 30)})
+        assert steps_at.get(prompt) == expected
 
 
 # ---- sampling keys -------------------------------------------------------------------------
@@ -556,6 +612,7 @@ COVERED = {
     "clamp": "test_runners.py::test_sampling_keys_take_effect",
     "max_new_tokens": "test_runners.py::test_sampling_keys_take_effect",
     "max_prompt_length": "test_runners.py::test_prompt_and_vocabulary_limits_take_effect",
+    "stop_when": "test_runners.py::test_stop_when_takes_effect_alike_on_both_runners",
     "warm_start": "test_extend.py::"
     + "test_warm_start_begins_each_chain_at_the_source_chains_final_state",
     "execution.concurrency": "test_runners.py::test_concurrency_takes_effect",

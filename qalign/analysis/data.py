@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import and_, case, distinct, func, select
 
 from qalign.analysis.predict import Sample, Trajectory
-from qalign.storage.models import Answer, Chain, Prompt, Proposal, Run, Sweep
+from qalign.storage.models import Answer, Chain, ChainStatus, Prompt, Proposal, Run, Sweep
 from qalign.storage.repo import Sessions, finite_mean, finite_mean_columns
 
 CHAIN_RUN_METHODS = ("qalign", "quest")
@@ -76,13 +76,15 @@ class RunSummary:
     proposals: int
     mcmc_proposals: int
     acceptance: float | None
-    mean_reward: float | None
+    mean_proposal_reward: float | None  # over every proposal (step 0 included), finite ones
     scored: int
     gen_tokens: int
     reward_tokens: int
     correct: int
     answered: int  # proposals with a checked answer
     with_answer: int  # ... whose response had an extractable answer (votable)
+    chains_converged: int = 0  # retired by the run's `stop_when`
+    prompts_converged: int = 0  # ... and their prompts
 
 
 def list_runs(sessions: Sessions, sweep_ids: Sequence[int]) -> list[RunInfo]:
@@ -317,7 +319,8 @@ def acceptance_by_step(sessions: Sessions, run_id: int) -> list[tuple[int, float
 
 
 def run_summary(sessions: Sessions, run_id: int) -> RunSummary:
-    """Prompts, chains, proposals, acceptance, mean reward, tokens and correct proposals."""
+    """Prompts, chains, proposals, acceptance, mean reward of proposals, tokens and correct
+    proposals."""
     mcmc = Proposal.step > 0
     with sessions() as s:
         row = s.execute(
@@ -337,10 +340,14 @@ def run_summary(sessions: Sessions, run_id: int) -> RunSummary:
             .outerjoin(Answer, Answer.proposal_id == Proposal.id)
             .where(Proposal.run_id == run_id)
         ).one()
-        chains, prompts = s.execute(
-            select(func.count(Chain.id), func.count(distinct(Chain.prompt_id))).where(
-                Chain.run_id == run_id
-            )
+        converged = Chain.status == ChainStatus.CONVERGED.value
+        chains, prompts, n_conv, p_conv = s.execute(
+            select(
+                func.count(Chain.id),
+                func.count(distinct(Chain.prompt_id)),
+                func.sum(case((converged, 1), else_=0)),
+                func.count(distinct(case((converged, Chain.prompt_id)))),
+            ).where(Chain.run_id == run_id)
         ).one()
     n, mc, acc, r_large, r_small, r_n, scored, gen, rm, correct, answered, with_answer = row
     return RunSummary(
@@ -349,13 +356,15 @@ def run_summary(sessions: Sessions, run_id: int) -> RunSummary:
         proposals=int(n or 0),
         mcmc_proposals=int(mc or 0),
         acceptance=(int(acc or 0) / int(mc)) if mc else None,
-        mean_reward=finite_mean(r_large, r_small, r_n),
+        mean_proposal_reward=finite_mean(r_large, r_small, r_n),
         scored=int(scored or 0),
         gen_tokens=int(gen or 0),
         reward_tokens=int(rm or 0),
         correct=int(correct or 0),
         answered=int(answered or 0),
         with_answer=int(with_answer or 0),
+        chains_converged=int(n_conv or 0),
+        prompts_converged=int(p_conv or 0),
     )
 
 

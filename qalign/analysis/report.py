@@ -500,16 +500,16 @@ def write_report(
             "acceptance rate of the proposals at each step",
         )
         baselines = [
-            (f"{t.run.label} (independent samples)", float(t.summary.mean_reward))
+            (f"{t.run.label} (independent samples)", float(t.summary.mean_proposal_reward))
             for t in traces
-            if t.run.method == "ancestral" and t.summary.mean_reward is not None
+            if t.run.method == "ancestral" and t.summary.mean_proposal_reward is not None
         ]
         _plot_traces(
             chain_traces,
             lambda t: t.rewards,
             out_dir / "rewards.png",
-            "mean reward of the chains' states",
-            "reward trace (dashed: mean reward of independent samples)",
+            "mean reward of current states",
+            "state reward trace (dashed: mean reward of independent samples)",
             baselines,
         )
         images += ["acceptance.png", "rewards.png"]
@@ -518,8 +518,9 @@ def write_report(
             "",
             "![acceptance rate vs step](acceptance.png)",
             "",
-            "Mean reward of the chains' states after each step (the state is the last accepted "
-            "proposal), per run; dashed lines: mean reward of the independent samples:",
+            "Mean reward of current states after each step (a chain's state is its last "
+            "accepted proposal; not the mean reward of proposals), per run; dashed lines: mean "
+            "reward of the independent samples:",
             "",
             "![reward traces](rewards.png)",
             "",
@@ -590,7 +591,8 @@ def _markdown_head(
                 str(s.prompts),
                 str(s.proposals),
                 _fmt(s.acceptance),
-                _fmt(s.mean_reward),
+                str(s.prompts_converged) if s.chains_converged else "–",
+                _fmt(s.mean_proposal_reward),
                 _fmt(s.gen_tokens / s.prompts if s.prompts else None, ".1f"),
                 _fmt(s.reward_tokens / s.prompts if s.prompts else None, ".1f"),
                 _fmt(s.correct / s.answered if s.answered else None),
@@ -607,7 +609,8 @@ def _markdown_head(
         "prompts",
         "proposals",
         "acceptance",
-        "mean reward",
+        "prompts converged (stop_when)",
+        "mean reward of proposals",
         "gen tokens/prompt",
         "RM tokens/prompt",
         "correct proposals",

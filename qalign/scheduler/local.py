@@ -109,7 +109,9 @@ async def run_locally(
         bars.update(out)
 
     async def handle(chain_id: int, step: int) -> None:
-        _, nxt = await drive(service, chain_id, step, on_outcome=seen)
+        _, nxt = await drive(
+            service, chain_id, step, on_outcome=seen, on_wake=dispatcher.enqueue_many
+        )
         follow(dispatcher, chain_id, nxt)
 
     dispatcher = InProcessDispatcher(handle)
@@ -137,6 +139,8 @@ async def _lockstep(service: StepService, pending: dict[int, int], seen: Any) ->
         async def one(cid: int, level: int = level) -> None:
             out = await service.take(cid, level)
             seen(out)
+            for woken, at in out.wake:  # released from a `stop_when` checkpoint
+                pending[woken] = at
             nxt = after_step(out)
             if nxt.action is Action.CONTINUE and nxt.step is not None:
                 pending[cid] = nxt.step

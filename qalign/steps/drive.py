@@ -7,8 +7,9 @@ dispatcher through `follow`.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from qalign.dispatch.base import Dispatcher
 from qalign.steps.outcome import Outcome
@@ -24,16 +25,25 @@ async def drive(
     budget: Budget = UNLIMITED,
     stopping: Callable[[], bool] = lambda: False,
     on_outcome: Callable[[Outcome], None] | None = None,
+    on_wake: Callable[[Sequence[tuple[int, int]]], object] | None = None,
 ) -> tuple[Outcome, Next]:
     """Take steps of one chain from `step` until the policy says anything but continue.
+
+    Other chains a step released (`Outcome.wake`) go to `on_wake` at once, so they do not
+    wait for this chain's driver to stop; without it they come back in the returned `Next`.
 
     Returns the last outcome and what follows it (a retry, a hand-on, or stop).
     """
     started = time.monotonic()
     taken = 0
+    wake: list[tuple[int, int]] = []
     while True:
         out = await service.take(chain_id, step)
         taken += 1
+        if out.wake and on_wake is not None:
+            on_wake(out.wake)
+        elif out.wake:
+            wake += out.wake
         if on_outcome is not None:
             on_outcome(out)
         nxt = after_step(
@@ -44,11 +54,14 @@ async def drive(
             stopping=stopping(),
         )
         if nxt.action is not Action.CONTINUE or nxt.step is None:
-            return out, nxt
+            return out, dataclasses.replace(nxt, wake=tuple(wake)) if wake else nxt
         step = nxt.step
 
 
 def follow(dispatcher: Dispatcher, chain_id: int, nxt: Next) -> None:
-    """Hand what follows a driver's last step to `dispatcher` (nothing when it stops)."""
+    """Hand what follows a driver's last step to `dispatcher` (nothing when it stops), and the
+    steps of the chains it released."""
+    if nxt.wake:
+        dispatcher.enqueue_many(nxt.wake)
     if nxt.action in (Action.RETRY, Action.HAND_ON) and nxt.step is not None:
         dispatcher.enqueue(chain_id, nxt.step, countdown=nxt.delay or None)

@@ -12,6 +12,10 @@ class Result(StrEnum):
     SKIPPED = "skipped"  # chain finished, cancelled or missing, or the message is stale
     FAILED = "failed"  # the attempt failed; the failure is recorded on the chain
     DEFERRED = "deferred"  # the database was unavailable: nothing happened, try again later
+    # `stop_when`: the step follows a checkpoint that another chain of the prompt has not
+    # reached yet; the last chain to reach it hands this one on (nothing happened)
+    WAITING = "waiting"
+    CONVERGED = "converged"  # `stop_when`: the prompt's chains converged; the chain retired
 
 
 @dataclass(frozen=True)
@@ -24,3 +28,6 @@ class Outcome:
     attempts: int = 0  # failed attempts at this step so far
     error: str | None = None
     run_id: int | None = None
+    # (chain, step) hints for other chains, handed on whatever this chain does next: chains
+    # that waited at a `stop_when` checkpoint this step released
+    wake: tuple[tuple[int, int], ...] = ()

@@ -33,6 +33,7 @@ class Next:
     action: Action
     step: int | None = None
     delay: float = 0.0
+    wake: tuple[tuple[int, int], ...] = ()  # other chains' steps to hand on now (`Outcome.wake`)
 
 
 @dataclass(frozen=True)

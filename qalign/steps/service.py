@@ -15,11 +15,13 @@ full, corrupt) raises `DatabaseFailure`: that is no chain's fault, and a runner 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 import os
 import socket
 import sqlite3
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -33,6 +35,7 @@ from qalign.clients.errors import ClientError, CredentialsError, PromptTooLongEr
 from qalign.clients.registry import ClientRegistry
 from qalign.clients.spec import GeneratorSpec, RewardSpec
 from qalign.core import State
+from qalign.core.stopping import StopRule, state_traces, verdict
 from qalign.sampling.step import (
     ChainSpec,
     StepRecord,
@@ -57,6 +60,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SPEC_TTL_S = 30.0  # how long a process trusts a run's stored settings before reading them again
+VERDICTS_KEPT = 10_000  # `stop_when` verdicts remembered per process (siblings ask too)
 
 
 class DatabaseFailure(StorageError):
@@ -220,6 +224,8 @@ class StepService:
         self._inline = getattr(getattr(bind, "dialect", None), "name", "") == "sqlite"
         self._specs: dict[int, tuple[float, int, RunSpec]] = {}
         self._limits: dict[int, tuple[int, asyncio.Semaphore]] = {}
+        self._verdicts: dict[tuple[int, int, int], bool] = {}
+        self._verdicts_lock = threading.Lock()  # filled from the database threads
 
     # ---- database ----------------------------------------------------------------------------
 
@@ -273,6 +279,23 @@ class StepService:
         chain, spec = loaded.chain, loaded.spec
         if (early := self._precheck(chain, step, spec)) is not None:
             return early
+        wake: tuple[tuple[int, int], ...] = ()
+        rule = spec.stop_when
+        if rule is not None and 0 < step <= chain.target_steps and rule.is_checkpoint(step - 1):
+            try:
+                gate, wake = await self.db(self._checkpoint, chain, step - 1, rule)
+            except Exception as exc:
+                if _database_error(exc):
+                    return self._database_trouble(chain_id, step, exc)
+                raise
+            if gate is not None:
+                return gate
+        out = await self._advance(loaded, step)
+        return dataclasses.replace(out, wake=wake) if wake else out
+
+    async def _advance(self, loaded: _Loaded, step: int) -> Outcome:
+        """Propose step `step` and commit it (or record the failure)."""
+        chain_id, chain = loaded.chain.chain_id, loaded.chain
         try:
             rec = await self._propose(loaded, step)
         except Exception as exc:
@@ -299,6 +322,70 @@ class StepService:
             next_step=None if done else step + 1,
             chain_status=ChainStatus.DONE.value if done else ChainStatus.RUNNING.value,
             run_id=chain.run_id,
+        )
+
+    def _checkpoint(
+        self, chain: repo.ChainRow, at: int, rule: StopRule
+    ) -> tuple[Outcome | None, tuple[tuple[int, int], ...]]:
+        """`stop_when` before step `at` + 1 of a chain at checkpoint `at` (see core.stopping).
+
+        Returns an outcome when the chain does not go on (it waits for a sibling still before
+        the checkpoint, or its prompt converged and it retired), else None and the siblings
+        waiting at the checkpoint that this chain releases.
+        """
+        cid, run_id, prompt_id = chain.chain_id, chain.run_id, chain.prompt_id
+        sibs = repo.prompt_chains(self.sessions, run_id, prompt_id)
+        converged = ChainStatus.CONVERGED.value
+        if any(s.status == converged for s in sibs):
+            return self._retire(chain, at), ()
+        if any(s.current_step > at for s in sibs):
+            return None, ()  # a sibling went past: the verdict here was "go on"
+        behind = [s for s in sibs if s.current_step < at]
+        if any(s.status not in repo.FINAL for s in behind):
+            return Outcome(cid, at + 1, Result.WAITING, chain_status=chain.status,
+                           run_id=run_id), ()  # fmt: skip
+        if behind:
+            return None, ()  # a sibling failed or was cancelled before the checkpoint: no verdict
+        key = (run_id, prompt_id, at)
+        with self._verdicts_lock:
+            done = self._verdicts.get(key)
+        if done is None:
+            ids = [s.chain_id for s in sibs]
+            rewards, lengths = state_traces(repo.state_rows(self.sessions, ids, at), at)
+            complete = len(rewards) == len(ids) and all(len(t) == at + 1 for t in rewards)
+            done = complete and verdict(rewards, lengths, rule).converged
+            with self._verdicts_lock:
+                if len(self._verdicts) >= VERDICTS_KEPT:
+                    self._verdicts.pop(next(iter(self._verdicts)))
+                self._verdicts[key] = done
+        if done:
+            return self._retire(chain, at), ()
+        wake = tuple(
+            (s.chain_id, at + 1)
+            for s in sibs
+            if s.chain_id != cid and s.current_step == at and s.status not in repo.FINAL
+        )
+        return None, wake
+
+    def _retire(self, chain: repo.ChainRow, at: int) -> Outcome:
+        moved = repo.retire_converged(self.sessions, chain.run_id, chain.prompt_id, at)
+        if moved:
+            log.info("run %d prompt %d: chains converged at step %d; %d retired",
+                     chain.run_id, chain.prompt_id, at, moved)  # fmt: skip
+        return Outcome(chain.chain_id, at + 1, Result.CONVERGED,
+                       chain_status=ChainStatus.CONVERGED.value, run_id=chain.run_id)  # fmt: skip
+
+    def _released_by_failure(
+        self, chain: repo.ChainRow, rule: StopRule
+    ) -> tuple[tuple[int, int], ...]:
+        """Siblings that may wait at a checkpoint for a chain that just failed for good."""
+        sibs = repo.prompt_chains(self.sessions, chain.run_id, chain.prompt_id)
+        return tuple(
+            (s.chain_id, s.current_step + 1)
+            for s in sibs
+            if s.chain_id != chain.chain_id
+            and s.status not in repo.FINAL
+            and rule.is_checkpoint(s.current_step)
         )
 
     async def _still_done(self, chain_id: int, step: int) -> bool:
@@ -397,10 +484,13 @@ class StepService:
         max_attempts = allowed or spec.execution.max_attempts
         log.warning("chain %d step %d failed: %s", chain.chain_id, step, message)
         log.debug("chain %d step %d failure", chain.chain_id, step, exc_info=exc)
+        wake: tuple[tuple[int, int], ...] = ()
         try:
             status, attempts = await self.db(
                 repo.record_failure, self.sessions, chain.chain_id, step, message, max_attempts
             )
+            if status == ChainStatus.FAILED.value and spec.stop_when is not None:
+                wake = await self.db(self._released_by_failure, chain, spec.stop_when)
         except Exception as db_exc:
             if _database_error(db_exc):
                 return self._database_trouble(chain.chain_id, step, db_exc)
@@ -413,6 +503,7 @@ class StepService:
             attempts=attempts,
             error=message,
             run_id=chain.run_id,
+            wake=wake,
         )
 
     def _database_trouble(self, chain_id: int, step: int, exc: BaseException) -> Outcome:

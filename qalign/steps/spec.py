@@ -13,6 +13,7 @@ from typing import Any
 from qalign.clients.base import SamplingParams
 from qalign.clients.spec import GeneratorSpec, RewardSpec
 from qalign.core import KernelConfig, kernel_config
+from qalign.core.stopping import StopRule
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class RunSpec:
     generator: GeneratorSpec
     reward: RewardSpec | None
     execution: ExecutionSpec = ExecutionSpec()
+    stop_when: StopRule | None = None  # retire a prompt's chains once they converged
     kernel: KernelConfig = field(init=False, repr=False, compare=False)
     sampling: SamplingParams = field(init=False, repr=False, compare=False)
 
@@ -97,13 +99,14 @@ class RunSpec:
             generator=GeneratorSpec.from_config(cfg["generator"]),
             reward=RewardSpec.from_config(reward) if reward else None,
             execution=ExecutionSpec.from_config(cfg.get("execution")),
+            stop_when=StopRule.from_config(cfg.get("stop_when")),
         )
 
     def to_config(self) -> dict[str, Any]:
         """The JSON stored in `runs.config` (the layout the README's SQL reads)."""
         gen = self.generator
         rm = self.reward
-        return {
+        out: dict[str, Any] = {
             "grid_index": self.grid_index,
             "name": self.name,
             "method": self.method,
@@ -136,3 +139,6 @@ class RunSpec:
                 "stall_timeout": self.execution.stall_timeout,
             },
         }
+        if self.stop_when is not None:  # absent otherwise: runs.config as before the key
+            out["stop_when"] = self.stop_when.to_config()
+        return out

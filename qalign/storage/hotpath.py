@@ -53,7 +53,7 @@ _UPDATE_SQL = (
     "rejected_with_reason = rejected_with_reason + %(rejected_inc)s, "
     "first_step_at = COALESCE(first_step_at, %(created_at)s), last_step_at = %(created_at)s "
     "WHERE id = %(chain_id)s AND current_step = %(prev)s "
-    "AND status NOT IN ('done', 'failed', 'cancelled')"
+    "AND status NOT IN ('done', 'failed', 'cancelled', 'converged')"
 )
 
 

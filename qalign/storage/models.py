@@ -52,13 +52,16 @@ class SweepStatus(StrEnum):
 
 
 class ChainStatus(StrEnum):
-    """Lifecycle of a chain. Only `done`, `failed` and `cancelled` are final."""
+    """Lifecycle of a chain. Only `done`, `failed`, `cancelled` and `converged` are final."""
 
     PENDING = "pending"  # created or re-enqueued, waiting for a worker
     RUNNING = "running"  # a worker has taken its next step
     DONE = "done"  # current_step == target_steps
     FAILED = "failed"  # a step failed `max_attempts` times; `resume --retry-failed` revives it
     CANCELLED = "cancelled"
+    # retired by the run's `stop_when` at `current_step`, a checkpoint where its prompt's
+    # chains had converged; it takes no further steps (`sweep extend` leaves it so)
+    CONVERGED = "converged"
 
 
 class Sweep(Base):

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Engine, and_, case, func, insert, select, update
+from sqlalchemy import ColumnElement, Engine, and_, case, distinct, func, insert, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -29,6 +29,7 @@ from qalign.storage.models import (
     ChainStatus,
     Prompt,
     PromptEncoding,
+    Proposal,
     Run,
     StepError,
     Sweep,
@@ -38,7 +39,14 @@ from qalign.storage.models import (
 )
 
 Sessions = sessionmaker[Session]
-FINAL = (ChainStatus.DONE.value, ChainStatus.FAILED.value, ChainStatus.CANCELLED.value)
+FINAL = (
+    ChainStatus.DONE.value,
+    ChainStatus.FAILED.value,
+    ChainStatus.CANCELLED.value,
+    ChainStatus.CONVERGED.value,
+)
+# chains that reached their end: a warm start may take their state
+FINISHED = (ChainStatus.DONE.value, ChainStatus.CONVERGED.value)
 
 
 class SweepExistsError(ValueError):
@@ -290,7 +298,7 @@ def _warm_sources(
         for p in prompts:
             for k in range(int(run["chains_per_prompt"])):
                 row = found.get((src_run.id, p.index, k))
-                if row is None or row[4] != ChainStatus.DONE.value or row[6] is None:
+                if row is None or row[4] not in FINISHED or row[6] is None:
                     unfinished += 1
                     continue
                 if row[8] is None or not math.isfinite(row[8]):
@@ -395,6 +403,63 @@ def chain_target(sessions: Sessions, chain_id: int) -> int:
     with sessions() as s:
         target = s.execute(select(Chain.target_steps).where(Chain.id == chain_id)).scalar_one()
     return int(target)
+
+
+@dataclass(frozen=True)
+class Sibling:
+    """A chain of a prompt's run, as the `stop_when` checkpoint sees it."""
+
+    chain_id: int
+    current_step: int
+    status: str
+
+
+def prompt_chains(sessions: Sessions, run_id: int, prompt_id: int) -> list[Sibling]:
+    """The chains of one prompt in one run, in chain order."""
+    with sessions() as s:
+        rows = s.execute(
+            select(Chain.id, Chain.current_step, Chain.status)
+            .where(Chain.run_id == run_id, Chain.prompt_id == prompt_id)
+            .order_by(Chain.chain_index)
+        ).all()
+    return [Sibling(int(c), int(k), str(st)) for c, k, st in rows]
+
+
+def state_rows(
+    sessions: Sessions, chain_ids: Sequence[int], upto: int
+) -> list[tuple[int, int, bool, float | None, int]]:
+    """(chain id, step, accepted, reward, response_len) of the chains' proposals at steps
+    0..`upto`, in the order of `chain_ids`, then by step."""
+    with sessions() as s:
+        rows = s.execute(
+            select(Proposal.chain_id, Proposal.step, Proposal.accepted, Proposal.reward,
+                   Proposal.response_len)
+            .where(Proposal.chain_id.in_(list(chain_ids)), Proposal.step <= upto)
+            .order_by(Proposal.chain_id, Proposal.step)
+        ).all()  # fmt: skip
+    order = {cid: i for i, cid in enumerate(chain_ids)}
+    out = [(int(c), int(k), bool(a), r, int(n)) for c, k, a, r, n in rows]
+    return sorted(out, key=lambda row: (order[row[0]], row[1]))
+
+
+def retire_converged(sessions: Sessions, run_id: int, prompt_id: int, step: int) -> int:
+    """Mark the prompt's unfinished chains at `step` `converged`; returns how many moved.
+
+    Idempotent: every process that checks the same checkpoint reaches the same verdict, so a
+    second call finds nothing left to move.
+    """
+    with sessions.begin() as s:
+        return _rowcount(
+            s,
+            update(Chain)
+            .where(
+                Chain.run_id == run_id,
+                Chain.prompt_id == prompt_id,
+                Chain.current_step == step,
+                Chain.status.not_in(FINAL),
+            )
+            .values(status=ChainStatus.CONVERGED.value, updated_at=utcnow()),
+        )
 
 
 def run_settings(sessions: Sessions, run_id: int) -> tuple[int, dict[str, Any]]:
@@ -767,13 +832,19 @@ class RunStatus:
     mcmc_proposals: int
     mcmc_accepted: int
     rejected_with_reason: int
-    mean_reward: float | None
+    mean_state_reward: float | None  # mean reward of the chains' current states
     first_at: dt.datetime | None
     last_at: dt.datetime | None
     step_errors: int = 0  # failed attempts ever recorded (most were retried successfully)
     error_kinds: dict[str, int] = field(default_factory=dict)
     extended_at: dt.datetime | None = None  # the run's latest `sweep extend`
     steps_done_at_extension: int = 0  # its committed steps at that moment
+    chains_converged: int = 0  # retired by `stop_when`
+    prompts_converged: int = 0  # prompts whose chains were retired by `stop_when`
+    generator_model: str = ""
+    beta: float | None = None
+    temperature: float | None = None
+    steps: int | None = None
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -782,6 +853,7 @@ class RunStatus:
 
 def sweep_status(sessions: Sessions, sweep_id: int) -> list[RunStatus]:
     """Per-run progress from the chains table alone (the step commit keeps its counters)."""
+    converged = Chain.status == ChainStatus.CONVERGED.value
     with sessions() as s:
         chain_rows = s.execute(
             select(
@@ -793,7 +865,8 @@ def sweep_status(sessions: Sessions, sweep_id: int) -> list[RunStatus]:
                 func.sum(case((Chain.status == ChainStatus.FAILED.value, 1), else_=0)),
                 func.sum(case((Chain.status == ChainStatus.CANCELLED.value, 1), else_=0)),
                 func.sum(case((Chain.last_error.is_not(None), 1), else_=0)),
-                func.sum(Chain.target_steps + 1),
+                # a retired chain takes no more steps: its steps are all done
+                func.sum(case((converged, Chain.current_step + 1), else_=Chain.target_steps + 1)),
                 func.sum(Chain.current_step + 1),
                 *finite_mean_columns(Chain.state_reward),
                 func.sum(case((Chain.current_step > 0, Chain.current_step), else_=0)),
@@ -801,11 +874,18 @@ def sweep_status(sessions: Sessions, sweep_id: int) -> list[RunStatus]:
                 func.sum(Chain.rejected_with_reason),
                 func.min(Chain.first_step_at),
                 func.max(Chain.last_step_at),
+                func.sum(case((converged, 1), else_=0)),
+                func.count(distinct(case((converged, Chain.prompt_id)))),
+                Run.generator_model,
+                Run.beta,
+                Run.temperature,
+                Run.steps,
             )
             .join(Run, Run.id == Chain.run_id)
             .where(Run.sweep_id == sweep_id)
-            .group_by(Chain.run_id, Run.name, Run.method)
-        ).all()
+            .group_by(Chain.run_id, Run.name, Run.method, Run.generator_model, Run.beta,
+                      Run.temperature, Run.steps)
+        ).all()  # fmt: skip
         kinds: dict[int, dict[str, int]] = {}
         for run_id, kind, n in s.execute(
             select(StepError.run_id, StepError.kind, func.count())
@@ -830,7 +910,8 @@ def sweep_status(sessions: Sessions, sweep_id: int) -> list[RunStatus]:
     out = []
     for row in chain_rows:
         (run_id, name, method, n, done, failed, cancelled, errs, total, steps_done, r_large,
-         r_small, r_n, mc, acc, rej, first, last) = row  # fmt: skip
+         r_small, r_n, mc, acc, rej, first, last, n_conv, p_conv, model, beta, temp,
+         steps) = row  # fmt: skip
         out.append(
             RunStatus(
                 run_id=run_id,
@@ -846,16 +927,41 @@ def sweep_status(sessions: Sessions, sweep_id: int) -> list[RunStatus]:
                 mcmc_proposals=int(mc or 0),
                 mcmc_accepted=int(acc or 0),
                 rejected_with_reason=int(rej or 0),
-                mean_reward=finite_mean(r_large, r_small, r_n),
+                mean_state_reward=finite_mean(r_large, r_small, r_n),
                 first_at=first,
                 last_at=last,
                 step_errors=sum(kinds.get(run_id, {}).values()),
                 error_kinds=dict(sorted(kinds.get(run_id, {}).items(), key=lambda kv: -kv[1])),
                 extended_at=extended.get(run_id, (None, 0))[0],
                 steps_done_at_extension=int(extended.get(run_id, (None, 0))[1]),
+                chains_converged=int(n_conv or 0),
+                prompts_converged=int(p_conv or 0),
+                generator_model=model,
+                beta=beta,
+                temperature=temp,
+                steps=steps,
             )
         )
     return sorted(out, key=lambda r: r.run_id)
+
+
+def converged_prompts(sessions: Sessions, sweep_id: int) -> dict[int, list[dict[str, int]]]:
+    """Per run: the prompts `stop_when` retired, with the step at which (prompt order)."""
+    with sessions() as s:
+        rows = s.execute(
+            select(Chain.run_id, Prompt.prompt_index, func.min(Chain.current_step))
+            .join(Prompt, Prompt.id == Chain.prompt_id)
+            .join(Run, Run.id == Chain.run_id)
+            .where(Run.sweep_id == sweep_id, Chain.status == ChainStatus.CONVERGED.value)
+            .group_by(Chain.run_id, Prompt.prompt_index)
+            .order_by(Chain.run_id, Prompt.prompt_index)
+        ).all()
+    out: dict[int, list[dict[str, int]]] = {}
+    for run_id, prompt_index, step in rows:
+        out.setdefault(int(run_id), []).append(
+            {"prompt_index": int(prompt_index), "step": int(step)}
+        )
+    return out
 
 
 @dataclass(frozen=True)

@@ -63,8 +63,11 @@ class WorkerRuntime:
         if service is not None:
             run_sync(service.close())
 
-    def take(self, chain_id: int, step: int, message_id: str) -> tuple[str, Next]:
-        """Drive a chain from `step` within the task budget; what follows goes to the broker."""
+    def take(
+        self, chain_id: int, step: int, message_id: str, dispatcher: CeleryDispatcher
+    ) -> tuple[str, Next]:
+        """Drive a chain from `step` within the task budget; what follows goes to the broker
+        (chains a step released go there at once)."""
         try:
             out, nxt = run_sync(
                 drive(
@@ -73,6 +76,7 @@ class WorkerRuntime:
                     step,
                     budget=self.budget,
                     stopping=self.shutting_down.is_set,
+                    on_wake=dispatcher.enqueue_many,
                 )
             )
         except ChainNotFoundError as exc:  # a message from elsewhere, or a deleted sweep
@@ -103,7 +107,7 @@ def worker_app(settings: WorkerSettings) -> tuple[Celery, WorkerRuntime]:
         except InvalidStepArgsError as exc:
             log.error("%s", drop_line(task.request.id, STEP_TASK, str(exc)))
             return "invalid"
-        result, nxt = runtime.take(chain_id, step, task.request.id)
+        result, nxt = runtime.take(chain_id, step, task.request.id, dispatcher)
         follow(dispatcher, chain_id, nxt)
         return result
 
