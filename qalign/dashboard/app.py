@@ -7,8 +7,11 @@ and the event loop stays free to answer other requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -142,3 +145,50 @@ def make_app(engine: Engine) -> web.Application:
         ]
     )
     return app
+
+
+@contextlib.contextmanager
+def serve_in_thread(engine: Engine, host: str = "127.0.0.1", port: int = 0) -> Iterator[Served]:
+    """Serve the dashboard on a background thread (tests, benchmarks); stopped on exit."""
+    loop = asyncio.new_event_loop()
+    app = make_app(engine)
+    runner = web.AppRunner(app)
+    ready = threading.Event()
+    served: list[Served] = []
+
+    async def start() -> None:
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        sock = site._server.sockets[0]  # type: ignore[union-attr]
+        served.append(Served(f"http://{host}:{sock.getsockname()[1]}", app))
+        ready.set()
+
+    def main() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(start())
+        loop.run_forever()
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+
+    thread = threading.Thread(target=main, name="qalign-dashboard", daemon=True)
+    thread.start()
+    if not ready.wait(30):
+        raise RuntimeError("the dashboard server did not start within 30 s")
+    try:
+        yield served[0]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+
+
+@dataclass(frozen=True)
+class Served:
+    """A running dashboard: its base URL and its application (for its analysis cache)."""
+
+    url: str
+    app: web.Application
+
+    @property
+    def cache(self) -> AnalysisCache:
+        return self.app[CACHE]
