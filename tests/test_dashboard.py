@@ -223,9 +223,7 @@ def test_every_page_shows_the_database_figures(
     tab.shot("run")
 
     # ---- chain page: the trajectory proposal by proposal
-    ((chain_id,),) = sql(
-        db_url, "SELECT MIN(id) FROM chains WHERE run_id = :r", r=first_run
-    )
+    ((chain_id,),) = sql(db_url, "SELECT MIN(id) FROM chains WHERE run_id = :r", r=first_run)
     tab.open(f"/chain/{chain_id}")
     props = sql(
         db_url,
@@ -272,7 +270,7 @@ def test_pages_show_new_steps_without_reloading(
     chain.page.wait_for_selector(new, timeout=5_000)
     grown = 2 * 3 * 3 * (STEPS + 3)
     sweeps.page.wait_for_function(
-        "want => document.querySelector('[data-table=\"sweeps\"] td[data-col=\"steps\"]')"
+        'want => document.querySelector(\'[data-table="sweeps"] td[data-col="steps"]\')'
         ".textContent === want",
         arg=f"{grown}/{grown}",
         timeout=5_000,
@@ -290,7 +288,7 @@ def test_the_dashboard_engine_cannot_write(backend: str, request: pytest.Fixture
     try:
         with engine.connect() as conn:
             assert conn.execute(text("SELECT COUNT(*) FROM sweeps")).scalar_one() == 0
-        with pytest.raises(DBAPIError, match="(?i)read-?only"), engine.begin() as conn:
+        with pytest.raises(DBAPIError, match=r"(?i)read-?only"), engine.begin() as conn:
             conn.execute(
                 text(
                     "INSERT INTO sweeps (name, config, config_hash, status, created_at, "
