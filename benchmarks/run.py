@@ -35,6 +35,7 @@ BENCHMARKS = [
     ("saturation", "saturation.py", False),
     ("overoptimisation", "overoptimisation.py", False),
     ("scale", "scale.py", False),
+    ("dashboard", "dashboard.py", False),
     ("chaos", "chaos.py", False),
     ("checkers_agreement", "checkers_agreement.py", False),
     ("real_vllm", "real_vllm.py", True),

@@ -255,6 +255,7 @@ def _cut_bins(cut_acc: dict[int, list[int]]) -> list[dict[str, Any]]:
 
 def run_curves(sessions: Sessions, run_id: int, method: str) -> dict[str, Any]:
     """Error (1 - accuracy) against generated tokens per prompt, per `qalign predict` method."""
+    t0 = time.perf_counter()
     try:
         samples = load_samples(sessions, run_id)
         curves: dict[str, Any] = {}
@@ -266,8 +267,8 @@ def run_curves(sessions: Sessions, run_id: int, method: str) -> dict[str, Any]:
             pts = qalign_curve(traj, resamples=CURVE_RESAMPLES)
             curves["qalign"] = [[p.gen_tokens, 1 - p.accuracy, p.budget] for p in pts]
     except AnalysisError as exc:
-        return {"error": str(exc)}
-    return {"curves": curves}
+        return {"error": str(exc), "seconds": time.perf_counter() - t0}
+    return {"curves": curves, "seconds": time.perf_counter() - t0}
 
 
 @dataclass
