@@ -315,3 +315,37 @@ def test_health_and_unknown_ids(served: Served) -> None:
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(served.url + path, timeout=30)
         assert err.value.code == 404
+
+
+def test_the_command_serves_a_database_on_localhost(sqlite_url: str) -> None:
+    import json
+    import socket
+    import subprocess
+    import time
+
+    from tests.sweeps_support import QALIGN, ROOT
+
+    ensure_schema(sqlite_url)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [*QALIGN, "dashboard", "--database", sqlite_url, "--port", str(port)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.communicate()[0]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/sweeps", timeout=5) as r:
+                    doc = json.loads(r.read())
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the dashboard did not start"
+                time.sleep(0.2)
+        assert doc["tables"][0]["rows"] == []
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=60)[0]
+    assert "read-only" in out and f"127.0.0.1:{port}" in out
