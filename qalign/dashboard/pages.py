@@ -402,7 +402,10 @@ def chain_page(sessions: Sessions, chain_id: int) -> dict[str, Any]:
             "step": p["step"],
             "decision": decision,
             "cut": p["cut"],
-            "text": {"before": p["text"][:cut_at], "after": p["text"][cut_at:]},
+            # Step 0 (the initial sample) has no state to cut: nothing to mark.
+            "text": p["text"]
+            if p["step"] == 0
+            else {"before": p["text"][:cut_at], "after": p["text"][cut_at:]},
             "reward": p["reward"],
             "alpha": p["alpha"],
             "gen_tokens": p["gen_tokens"],
