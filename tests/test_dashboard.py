@@ -10,6 +10,7 @@ Without /usr/bin/chromium the browser tests skip, unless $QALIGN_REQUIRE_BROWSER
 
 from __future__ import annotations
 
+import math
 import os
 import urllib.request
 from collections.abc import Iterator
@@ -20,8 +21,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
+from qalign.analysis.convergence import run_diagnostics
 from qalign.dashboard.app import Served, serve_in_thread
 from qalign.dashboard.db import readonly_engine
+from qalign.storage.engine import make_sessionmaker
 from qalign.storage.migrate import ensure_schema
 from tests.runners import LocalRunner
 from tests.sweeps_support import cli, sweep_config
@@ -85,6 +88,18 @@ class Page:
 
 def f3(x: Any) -> str:
     return "-" if x is None else f"{float(x):.3f}"  # PostgreSQL's AVG is a Decimal
+
+
+def f1(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.1f}"
+
+
+def rhat(x: float) -> str:
+    if math.isnan(x):
+        return "-"
+    if math.isinf(x):
+        return "inf"
+    return f"{x:.2e}" if abs(x) >= 1e4 else f"{x:.3f}"  # as dashboard.js writes it
 
 
 def pct(x: Any) -> str:
@@ -210,8 +225,19 @@ def test_every_page_shows_the_database_figures(
     for prompt_index, accuracy in acc:
         assert tab.cell("prompts", str(prompt_index), "accuracy") == pct(accuracy)
         assert tab.cell("prompts", str(prompt_index), "chains") == "3/3"
-        rhat = tab.cell("prompts", str(prompt_index), "rhat_reward")
-        assert rhat == "inf" or rhat == "-" or float(rhat) >= 0.9
+    # R-hat and ESS per prompt are those of `qalign sweep status`'s diagnostics.
+    engine = readonly_engine(db_url)
+    try:
+        diag = run_diagnostics(make_sessionmaker(engine), first_run)
+    finally:
+        engine.dispose()
+    assert len(diag.prompts) == 3
+    for d in diag.prompts:
+        k = str(d.prompt_index)
+        assert tab.cell("prompts", k, "rhat_reward") == rhat(d.reward.rhat)
+        assert tab.cell("prompts", k, "rhat_length") == rhat(d.length.rhat)
+        assert tab.cell("prompts", k, "ess_bulk") == f1(d.reward.ess_bulk)
+        assert tab.cell("prompts", k, "ess_tail") == f1(d.reward.ess_tail)
     series = tab.page.locator('[data-chart="curves"] path[data-series]').evaluate_all(
         "ps => ps.map(p => p.dataset.series)"
     )

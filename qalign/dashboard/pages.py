@@ -3,7 +3,7 @@ figures), `tables` (columns with a display format, rows of cells) and `charts` (
 
 Cells are plain values, or `{"text", "href"}` for links, or `{"before", "after"}` for a response
 whose cut point is marked. Formats: `int`, `f3` (3 decimals), `f2`, `f1`, `pct`, `dur` (seconds
-as h:mm:ss), `text`, `time` (ISO timestamp).
+as h:mm:ss), `rhat` (3 decimals, or an exponent from 1e4), `text`, `time` (ISO timestamp).
 """
 
 from __future__ import annotations
@@ -203,8 +203,8 @@ def sweep_page(sessions: Sessions, cache: AnalysisCache, sweep_id: int) -> dict[
                     _col("share", "progress", "pct"),
                     _col("acceptance", "acceptance rate", "f3"),
                     _col("state_reward", STATE_REWARD, "f3"),
-                    _col("rhat_reward", "R-hat reward (max)", "f3"),
-                    _col("rhat_length", "R-hat length (max)", "f3"),
+                    _col("rhat_reward", "R-hat reward (max)", "rhat"),
+                    _col("rhat_length", "R-hat length (max)", "rhat"),
                     _col("ess_reward", "ESS reward (min)", "f1"),
                     _col("steps_per_s", "steps/s", "f1"),
                     _col("eta", "ETA", "dur"),
@@ -318,7 +318,7 @@ def run_page(
             _stat("state_reward", STATE_REWARD, totals["state_reward"], "f3"),
             _stat("prompts", "prompts", len(prompts), "int"),
             _stat("accuracy", "accuracy of current answers", a.get("accuracy"), "pct"),
-            _stat("rhat_reward", "R-hat reward (max)", _rhat(a.get("rhat_reward_max")), "f3"),
+            _stat("rhat_reward", "R-hat reward (max)", _rhat(a.get("rhat_reward_max")), "rhat"),
             _stat("ess_reward", "ESS reward (min)", a.get("ess_reward_min"), "f1"),
         ],
         "tables": [
@@ -333,8 +333,8 @@ def run_page(
                     _col("acceptance", "acceptance rate", "f3"),
                     _col("state_reward", STATE_REWARD, "f3"),
                     _col("accuracy", "accuracy of current answers", "pct"),
-                    _col("rhat_reward", "R-hat reward", "f3"),
-                    _col("rhat_length", "R-hat length", "f3"),
+                    _col("rhat_reward", "R-hat reward", "rhat"),
+                    _col("rhat_length", "R-hat length", "rhat"),
                     _col("ess_bulk", "ESS bulk reward", "f1"),
                     _col("ess_tail", "ESS tail reward", "f1"),
                 ],

@@ -47,6 +47,8 @@
       case "f3": return v.toFixed(3);
       case "f2": return v.toFixed(2);
       case "f1": return v.toFixed(1);
+      // an R-hat of a nearly constant quantity can be astronomically large
+      case "rhat": return Math.abs(v) >= 1e4 ? v.toExponential(2) : v.toFixed(3);
       case "pct": return (100 * v).toFixed(1) + "%";
       case "dur": return duration(v);
       default: return String(v);
