@@ -36,6 +36,7 @@ BENCHMARKS = [
     ("overoptimisation", "overoptimisation.py", False),
     ("stopping", "stopping.py", False),
     ("scale", "scale.py", False),
+    ("dashboard", "dashboard.py", False),
     ("chaos", "chaos.py", False),
     ("checkers_agreement", "checkers_agreement.py", False),
     ("real_vllm", "real_vllm.py", True),

@@ -27,7 +27,10 @@ _USER_ERRORS = (
 
 # Commands whose modules are heavy and which most invocations do not need (the toy server pulls
 # in aiohttp's web framework): imported when named, or when every command is listed (--help).
-_LAZY_COMMANDS = {"toy-server": ("qalign.toy.cli", "toy_server_command")}
+_LAZY_COMMANDS = {
+    "toy-server": ("qalign.toy.cli", "toy_server_command"),
+    "dashboard": ("qalign.dashboard.cli", "dashboard_command"),
+}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
