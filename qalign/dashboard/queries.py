@@ -24,6 +24,14 @@ class NotFoundError(LookupError):
     """No sweep, run or chain with that id."""
 
 
+# A chain retired by `stop_when` is finished, and its steps are all done (as in `sweep status`).
+_CONVERGED = Chain.status == ChainStatus.CONVERGED.value
+_FINISHED = case(
+    (Chain.status.in_((ChainStatus.DONE.value, ChainStatus.CONVERGED.value)), 1), else_=0
+)
+_TARGET = case((_CONVERGED, Chain.current_step + 1), else_=Chain.target_steps + 1)
+
+
 def _utc(t: dt.datetime | None) -> dt.datetime | None:
     return None if t is None else (t if t.tzinfo else t.replace(tzinfo=dt.UTC))
 
@@ -66,10 +74,10 @@ def sweeps_overview(sessions: Sessions) -> list[dict[str, Any]]:
                     Run.sweep_id,
                     func.count(func.distinct(Run.id)),
                     func.count(Chain.id),
-                    func.sum(case((Chain.status == ChainStatus.DONE.value, 1), else_=0)),
+                    func.sum(_FINISHED),
                     func.sum(case((Chain.status == ChainStatus.FAILED.value, 1), else_=0)),
                     func.sum(case((Chain.status == ChainStatus.RUNNING.value, 1), else_=0)),
-                    func.sum(Chain.target_steps + 1),
+                    func.sum(_TARGET),
                     func.sum(Chain.current_step + 1),
                     func.min(Chain.first_step_at),
                     func.max(Chain.last_step_at),
@@ -166,7 +174,9 @@ def sweep_runs(sessions: Sessions, sweep_id: int) -> list[dict[str, Any]]:
                 "steps_done": r.steps_done,
                 "steps_total": r.steps_total,
                 "acceptance_rate": r.acceptance_rate,
-                "state_reward": r.mean_reward,
+                "state_reward": r.mean_state_reward,
+                "chains_converged": r.chains_converged,
+                "prompts_converged": r.prompts_converged,
                 "step_errors": r.error_kinds,
                 "failed_by_reason": failures.get(r.run_id, {}),
                 "steps_per_s": rate,
@@ -206,7 +216,7 @@ def run_totals(sessions: Sessions, run_id: int) -> dict[str, Any]:
             select(
                 func.count(Chain.id),
                 func.sum(Chain.current_step + 1),
-                func.sum(Chain.target_steps + 1),
+                func.sum(_TARGET),
                 func.sum(case((Chain.current_step > 0, Chain.current_step), else_=0)),
                 func.sum(Chain.accepted_steps),
                 *finite_mean_columns(Chain.state_reward),
@@ -233,7 +243,7 @@ def run_prompts(sessions: Sessions, run_id: int) -> list[dict[str, Any]]:
             select(
                 Prompt.prompt_index,
                 func.count(Chain.id),
-                func.sum(case((Chain.status == ChainStatus.DONE.value, 1), else_=0)),
+                func.sum(_FINISHED),
                 func.sum(case((Chain.status == ChainStatus.FAILED.value, 1), else_=0)),
                 func.sum(case((Chain.current_step > 0, Chain.current_step), else_=0)),
                 func.sum(Chain.accepted_steps),
