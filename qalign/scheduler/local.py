@@ -8,6 +8,7 @@ Interrupting and running again resumes from the last committed step of every cha
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,8 +109,8 @@ async def run_locally(
         report.count(out)
         bars.update(out)
 
-    async def handle(chain_id: int, step: int) -> None:
-        _, nxt = await drive(service, chain_id, step, on_outcome=seen)
+    async def handle(chain_id: int, step: int, ready_at: float) -> None:
+        _, nxt = await drive(service, chain_id, step, on_outcome=seen, ready_at=ready_at)
         follow(dispatcher, chain_id, nxt)
 
     dispatcher = InProcessDispatcher(handle)
@@ -133,9 +134,10 @@ async def _lockstep(service: StepService, pending: dict[int, int], seen: Any) ->
     while pending:
         level = min(pending.values())
         batch = [cid for cid, step in pending.items() if step == level]
+        ready_at = time.time()  # a level's steps are runnable once the previous level is done
 
-        async def one(cid: int, level: int = level) -> None:
-            out = await service.take(cid, level)
+        async def one(cid: int, level: int = level, ready_at: float = ready_at) -> None:
+            out = await service.take(cid, level, ready_at)
             seen(out)
             nxt = after_step(out)
             if nxt.action is Action.CONTINUE and nxt.step is not None:
