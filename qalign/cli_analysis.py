@@ -257,7 +257,7 @@ def predict_command(
     compute = "FLOPs/prompt" if settings.params else ""
     click.echo(
         f"{'run':<48} {'budget':>6} {'accuracy':>8} {ci:>16} {'prompts':>7} "
-        f"{'gen tok/prompt':>14} {'RM tok/prompt':>13} {compute:>12}"
+        f"{'gen tok/prompt':>14} {'RM tok/prompt':>13} {'server s/prompt':>15} {compute:>12}"
     )
     for c in result:
         for p in c.points:
@@ -266,7 +266,7 @@ def predict_command(
             click.echo(
                 f"{c.run.label[:48]:<48} {p.budget:>6} {_f(p.accuracy):>8} {interval:>16} "
                 f"{p.prompts:>7} {_f(p.gen_tokens, '.1f'):>14} {_f(p.reward_tokens, '.1f'):>13} "
-                f"{flops:>12}"
+                f"{_f(p.server_seconds, '.3g'):>15} {flops:>12}"
             )
         skipped = sorted(set(settings.budgets or ()) - {p.budget for p in c.points})
         if skipped:
