@@ -257,6 +257,7 @@ def predict_command(
     from qalign.analysis.names import text_table
 
     header = ["run", "budget", "accuracy", ci, "prompts", "gen tok/prompt", "RM tok/prompt"]
+    header += ["server s/prompt"]
     header += ["FLOPs/prompt"] if settings.params else []
     table = [
         [
@@ -267,6 +268,7 @@ def predict_command(
             str(p.prompts),
             _f(p.gen_tokens, ".1f"),
             _f(p.reward_tokens, ".1f"),
+            _f(p.server_seconds, ".3g"),
             *([_f(p.flops, ".3g")] if settings.params else []),
         ]
         for c in result

@@ -9,7 +9,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -24,7 +24,7 @@ QUEUE_OPTION = click.option(
 )
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     raise click.ClickException(message)
 
 
@@ -240,6 +240,19 @@ def _print_errors(sessions: Any, sweep_id: int) -> None:
     is_flag=True,
     help="Make every chain wait for the slowest at each step (for benchmarks only).",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="Serve Prometheus metrics at http://127.0.0.1:PORT/metrics (0: off).",
+)
+@click.option(
+    "--metrics-linger",
+    is_flag=True,
+    help="After the run, keep serving /metrics until interrupted (Ctrl-C or SIGTERM), so a "
+    "scraper sees the final counts.",
+)
 def run_command(
     config_path: str,
     database: str | None,
@@ -248,6 +261,8 @@ def run_command(
     no_check: bool,
     quiet: bool,
     lockstep: bool,
+    metrics_port: int,
+    metrics_linger: bool,
 ) -> None:
     """Create the sweep in CONFIG (if new) and run it here, with no broker.
 
@@ -260,6 +275,8 @@ def run_command(
     """
     from qalign.scheduler.sweeps import create_sweep, sweep_prompts
 
+    if metrics_linger and not metrics_port:
+        raise click.UsageError("--metrics-linger needs --metrics-port")
     cfg = _load(config_path)
     prompts = sweep_prompts(cfg)  # a sweep over the size limits must not create the database
     sessions = _sessions(database, upgrade=True)
@@ -275,6 +292,8 @@ def run_command(
         quiet=quiet,
         lockstep=lockstep,
         again="run the same command again",
+        metrics_port=metrics_port,
+        metrics_linger=metrics_linger,
     )
 
 
@@ -287,15 +306,82 @@ def _run_here(
     quiet: bool,
     again: str,
     lockstep: bool = False,
+    metrics_port: int = 0,
+    metrics_linger: bool = False,
 ) -> None:
     """Run every unfinished chain of the sweep in this process (the embedded runner), print
     its status, and fail if any chain failed."""
+    from qalign.steps.metrics import MetricsPortError, StepMetrics, serve_metrics
+    from qalign.storage import repo
+
+    metrics = StepMetrics()
+    server = None
+    if metrics_port:
+        try:
+            server = serve_metrics(metrics, metrics_port)
+        except MetricsPortError as exc:
+            _fail(str(exc))
+        click.echo(f"serving metrics at {server.url}", err=True)
+    try:
+        failed_here = _run_with(
+            sessions, sweep_id, metrics, concurrency, retry_failed, quiet, again, lockstep
+        )
+        if server is not None and metrics_linger:
+            _linger(server.url)
+    finally:
+        if server is not None:
+            server.close()
+    # Chains that failed in an earlier run count too: the sweep is not complete.
+    failed_chains = max(_failed_chains(sessions, sweep_id), failed_here)
+    if failed_chains:
+        config = repo.find_sweep(sessions, sweep_id).config
+        attempts = (config.get("execution") or {}).get("max_attempts", "?")
+        _fail(
+            f"{failed_chains} chain(s) failed (execution.max_attempts="
+            f"{attempts}); see `qalign sweep status` and rerun with --retry-failed"
+        )
+
+
+def _linger(url: str) -> None:
+    """Keep the process (and its /metrics thread) up until Ctrl-C or SIGTERM."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    click.echo(f"run finished; serving {url} until interrupted", err=True)
+    try:
+        # A timeout, so the main thread wakes up to run Python's Ctrl-C handler.
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _failed_chains(sessions: Any, sweep_id: int) -> int:
+    from qalign.storage import repo
+
+    return sum(r.chains_failed for r in repo.sweep_status(sessions, sweep_id))
+
+
+def _run_with(
+    sessions: Any,
+    sweep_id: int,
+    metrics: Any,
+    concurrency: int | None,
+    retry_failed: bool,
+    quiet: bool,
+    again: str,
+    lockstep: bool,
+) -> int:
+    """The embedded run itself, then the sweep's status; returns the chains failed in it."""
     from qalign.sampling.loop import run_sync
     from qalign.scheduler.local import run_locally
     from qalign.steps.service import StepService
-    from qalign.storage import repo
 
-    service = StepService(sessions, concurrency=concurrency)
+    service = StepService(sessions, concurrency=concurrency, metrics=metrics)
 
     async def go() -> Any:
         try:
@@ -315,15 +401,7 @@ def _run_here(
         click.echo(f"interrupted: {again} to resume", err=True)
         sys.exit(130)
     print_status(sessions, sweep_id, as_json=False)
-    # Chains that failed in an earlier run count too: the sweep is not complete.
-    failed = sum(r.chains_failed for r in repo.sweep_status(sessions, sweep_id))
-    if failed or report.failed_chains:
-        config = repo.find_sweep(sessions, sweep_id).config
-        attempts = (config.get("execution") or {}).get("max_attempts", "?")
-        _fail(
-            f"{max(failed, len(report.failed_chains))} chain(s) failed (execution.max_attempts="
-            f"{attempts}); see `qalign sweep status` and rerun with --retry-failed"
-        )
+    return len(report.failed_chains)
 
 
 # ---- qalign sweep ... ------------------------------------------------------------------------
@@ -696,6 +774,15 @@ def _wait_for_database(url: str, wait: float) -> None:
     help="Seconds to wait at start-up for a database that is down or restarting.",
 )
 @click.option("--loglevel", default="INFO", show_default=True)
+@click.option(
+    "--metrics-port",
+    envvar="QALIGN_METRICS_PORT",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="Serve Prometheus metrics at http://127.0.0.1:PORT/metrics (0: off; "
+    "$QALIGN_METRICS_PORT).",
+)
 def worker_command(
     database: str | None,
     broker: str | None,
@@ -706,6 +793,7 @@ def worker_command(
     task_budget: float,
     db_wait: float,
     loglevel: str,
+    metrics_port: int,
 ) -> None:
     """Start a Celery worker that executes chain steps (a thread pool: HTTP-bound work).
 
@@ -718,6 +806,7 @@ def worker_command(
     import os
     import socket
 
+    from qalign.steps.metrics import MetricsPortError
     from qalign.storage.engine import database_url
     from qalign.workers.app import run_worker
     from qalign.workers.settings import WorkerSettings
@@ -732,8 +821,12 @@ def worker_command(
         steps_per_task=steps_per_task,
         task_budget_s=task_budget,
         loglevel=loglevel,
+        metrics_port=metrics_port,
     )
-    code = run_worker(settings)
+    try:
+        code = run_worker(settings)
+    except MetricsPortError as exc:
+        _fail(str(exc))
     if code:
         sys.exit(code)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from qalign.analysis import predict as P
 from qalign.analysis.data import acceptance_by_step, list_runs, load_samples, load_trajectories
@@ -157,6 +157,7 @@ def test_eval_predict_report_end_to_end(sqlite_url, tmp_path, toy):
             for p in curve["points"]:
                 assert 0 <= p["ci_low"] <= p["accuracy"] <= p["ci_high"] <= 1
                 assert p["prompts"] == PROMPTS and p["gen_tokens"] > 0
+                assert p["server_seconds"] > 0  # every proposal has its latency stored
     for method in ("mv", "wmv", "bon", "mbr"):
         (curve,) = results[method]
         assert curve["run"] == anc_run.name and curve["run_method"] == "ancestral"
@@ -199,6 +200,7 @@ def test_eval_predict_report_end_to_end(sqlite_url, tmp_path, toy):
     md = (report_dir / "report.md").read_text()
     pngs = [
         "error_vs_compute-first-word-yes.png",
+        "error_vs_seconds-first-word-yes.png",
         "accuracy_vs_beta-first-word-yes.png",
         "acceptance.png",
         "rewards.png",
@@ -211,11 +213,31 @@ def test_eval_predict_report_end_to_end(sqlite_url, tmp_path, toy):
     for heading in ("MV", "WMV", "BoN", "QAlign"):
         assert f"### {heading}: accuracy by budget" in md
     assert "FLOPs per prompt by budget" in md
+    assert "QAlign: generator + reward server seconds per prompt by budget" in md
+    assert "Not shown (no latency stored)" not in md
     for run in runs:
         assert md.count(f"| {run.label} |") >= 2, run.label  # run summary + tables
     summary = json.loads((report_dir / "report.json").read_text())
     assert {c["method"] for c in summary["curves"]} == {"mv", "wmv", "bon", "qalign"}
     assert sorted(summary["images"]) == sorted(pngs)
+
+    # Rows from before the latency columns (NULL): those runs lose the seconds axis only.
+    with sessions.begin() as s:
+        s.execute(
+            update(Proposal).where(Proposal.run_id == anc_run.id).values(generator_seconds=None)
+        )
+    _invoke(report_command, "anc", "qa", "-o", str(tmp_path / "old"), "--bootstrap", "50", *db)
+    md = (tmp_path / "old" / "report.md").read_text()
+    assert f"Not shown (no latency stored): {anc_run.label}." in md
+    assert "### MV: accuracy by budget" in md and "MV: generator + reward server" not in md
+    with sessions.begin() as s:
+        s.execute(update(Proposal).values(reward_seconds=None))
+    _invoke(report_command, "anc", "qa", "-o", str(tmp_path / "none"), "--bootstrap", "50", *db)
+    md = (tmp_path / "none" / "report.md").read_text()
+    assert "error_vs_seconds" not in md and "server seconds" not in md
+    assert not list((tmp_path / "none").glob("error_vs_seconds-*"))
+    out = _invoke(predict_command, "qa", "--method", "qalign", "--json", *db)
+    assert all(p["server_seconds"] is None for c in json.loads(out.output) for p in c["points"])
 
     # A free-form task: nothing to vote on, so the report chooses MBR (and BoN, QAlign by MBR).
     _invoke(eval_command, "anc", "qa", "--task", "tests.test_analysis_cli:ContainsYes", *db)

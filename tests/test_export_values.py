@@ -209,6 +209,8 @@ def _expected_type(table: str, column: str) -> pa.DataType:
         return pa.map_(pa.string(), pa.float64())
     if column in ("reward", "log_a", "alpha", "gen_latency_ms", "reward_latency_ms"):
         return pa.float64()
+    if column in ("generator_seconds", "reward_seconds", "queue_seconds"):
+        return pa.float64()
     if column == "state_reward":
         return pa.float64()
     if column == "accepted":
@@ -250,6 +252,9 @@ def test_parquet_export_has_one_schema_from_sql_in_every_batch(
     assert [w[2] for w in wild[: len(WILD_REWARDS)]] == expected
     assert {p["reward"] for p in proposals if p["run"] == "unscored"} == {None}
     assert {p["reward_latency_ms"] for p in proposals} == {1.0, INF}
+    # Rows stored without the wall-clock columns (as before migration 0007) export them as null.
+    assert {p["generator_seconds"] for p in proposals} == {None}
+    assert {"reward_seconds", "queue_seconds"} <= set(proposals[0])
 
     chains = pq.read_table(tmp_path / "chains.parquet").to_pylist()
     wild_chains = sorted(

@@ -922,3 +922,33 @@ def test_a_key_file_of_two_lines_is_a_recorded_failure(
     rows = errors(runner, name)
     assert len(rows) == 2 and {e[3] for e in rows} == {"CredentialsError"}
     assert all("whitespace or a control character" in e[4] for e in rows)
+
+
+# ---- wall-clock cost -----------------------------------------------------------------------
+
+
+def test_latency_columns_are_filled_on_both_runners(runner: Any) -> None:
+    """Every proposal stores its generator, reward and queue seconds. The toy servers sleep a
+    fixed time per sequence, a lower bound of what a step must have measured; a reward the
+    process's cache already held costs 0."""
+    gen_delay, rm_delay = 0.05, 0.03
+    with (
+        serve_in_thread(
+            ToyServerOptions(served_model_names=("toy-lm",), port=0, latency_base=gen_delay)
+        ) as g,
+        serve_in_thread(
+            ToyServerOptions(served_model_names=("toy-rm",), port=0, latency_base=rm_delay)
+        ) as r,
+    ):
+        name = unique(runner, "latency")
+        cfg = sweep_config(name, g.url, r.url, prompts=2, beta=1.0, steps=4, chains=2)
+        assert runner.run(cfg).returncode == 0
+    rows = proposals(runner, name)
+    assert len(rows) == 2 * 2 * 5
+    for p, _, _ in rows:
+        assert p.generator_seconds is not None and p.generator_seconds >= gen_delay
+        assert p.queue_seconds is not None and p.queue_seconds >= 0.0
+        assert p.reward_seconds is not None
+        assert p.reward_seconds == 0.0 or p.reward_seconds >= rm_delay
+    # Each step's first scoring of a response asks the server (the cache cannot know it yet).
+    assert any(p.reward_seconds >= rm_delay for p, _, _ in rows)

@@ -16,6 +16,7 @@ from qalign.dispatch.inprocess import InProcessDispatcher
 from qalign.scheduler.local import run_locally
 from qalign.scheduler.sweeps import create_sweep
 from qalign.steps.drive import drive, follow
+from qalign.steps.metrics import StepMetrics
 from qalign.steps.outcome import Outcome, Result
 from qalign.steps.policy import (
     DEFERRED_S,
@@ -108,8 +109,9 @@ class ScriptedService:
 
     script: list[Outcome]
     calls: list[tuple[int, int]] = field(default_factory=list)
+    metrics: StepMetrics = field(default_factory=StepMetrics)
 
-    async def take(self, chain_id: int, step: int) -> Outcome:
+    async def take(self, chain_id: int, step: int, ready_at: float | None = None) -> Outcome:
         self.calls.append((chain_id, step))
         return self.script.pop(0)
 
@@ -157,7 +159,7 @@ async def test_drive_hands_a_failed_attempt_to_the_dispatcher_with_its_delay() -
 async def test_in_process_dispatcher_runs_hints_including_those_enqueued_meanwhile() -> None:
     done: list[tuple[int, int]] = []
 
-    async def handler(chain_id: int, step: int) -> None:
+    async def handler(chain_id: int, step: int, ready_at: float) -> None:
         done.append((chain_id, step))
         if step < 3:
             disp.enqueue(chain_id, step + 1, countdown=0.01 if chain_id == 2 else None)
@@ -173,7 +175,7 @@ async def test_in_process_dispatcher_stops_on_a_handler_error_and_cancels_the_re
     release = asyncio.Event()
     cancelled: list[int] = []
 
-    async def handler(chain_id: int, step: int) -> None:
+    async def handler(chain_id: int, step: int, ready_at: float) -> None:
         if chain_id == 1:
             raise RuntimeError("database is read-only")
         try:

@@ -644,6 +644,9 @@ def _step_params(chain_id: int, step: int, tokens: tuple[int, ...], **kw: Any) -
         "state_finish": Finish.STOP.value,
         "state_text": "state ✓",
         "reward_terms": {"rm": 1.5, "ref": -math.inf},
+        "generator_seconds": 0.125,
+        "reward_seconds": 0.0,
+        "queue_seconds": 2.5,
     }
     values.update(kw)
     return values
@@ -676,6 +679,7 @@ def test_step_hot_path_reads_and_writes_what_the_orm_sees(migrated: Engine) -> N
             False, "non_finite_reward", "w1", 12,
         )  # fmt: skip
         assert p.reward_terms == {"rm": 1.5, "ref": None}  # JSON has no infinities
+        assert (p.generator_seconds, p.reward_seconds, p.queue_seconds) == (0.125, 0.0, 2.5)
         assert before <= p.created_at <= dt.datetime.now(dt.UTC)
         assert p.created_at.tzinfo is not None and c.updated_at == p.created_at
         assert (c.current_step, c.status, c.state_tokens, c.state_logprobs, c.state_text) == (

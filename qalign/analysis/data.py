@@ -168,6 +168,8 @@ def _sample(row: Any, *, loose: bool, texts: bool) -> Sample:
         gen_tokens=int(row.gen_tokens or 0),
         reward_tokens=int(row.reward_tokens or 0),
         text=row.text if texts else "",
+        gen_seconds=row.generator_seconds,
+        reward_seconds=row.reward_seconds,
     )
 
 
@@ -181,6 +183,8 @@ def _columns(texts: bool) -> list[Any]:
         Proposal.reward,
         Proposal.gen_tokens,
         Proposal.reward_tokens,
+        Proposal.generator_seconds,
+        Proposal.reward_seconds,
         Answer.proposal_id.label("answer_id"),
         Answer.answer,
         Answer.correct,
@@ -235,6 +239,7 @@ class _ChainWalk:
         self.states: list[Sample] = []
         self.gen: list[int] = []
         self.rm: list[int] = []
+        self.secs: list[float] | None = []  # None once a step has no measurement
         self.accepted: list[bool] = []
         self.broken = False
 
@@ -254,6 +259,12 @@ class _ChainWalk:
         self.states.append(state)
         self.gen.append(gen_prev + int(row.gen_tokens or 0))
         self.rm.append(rm_prev + int(row.reward_tokens or 0))
+        if self.secs is not None:
+            if row.generator_seconds is None or row.reward_seconds is None:
+                self.secs = None
+            else:
+                prev = self.secs[-1] if self.secs else 0.0
+                self.secs.append(prev + row.generator_seconds + row.reward_seconds)
         self.accepted.append(accepted)
 
     def trajectory(self) -> Trajectory:
@@ -262,6 +273,7 @@ class _ChainWalk:
             cum_gen_tokens=tuple(self.gen),
             cum_reward_tokens=tuple(self.rm),
             accepted=tuple(self.accepted),
+            cum_seconds=None if self.secs is None else tuple(self.secs),
         )
 
 

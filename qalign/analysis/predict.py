@@ -81,18 +81,25 @@ class Sample:
     gen_tokens: int = 0
     reward_tokens: int = 0
     text: str = ""
+    # wall-clock seconds at the servers (proposals' generator_seconds / reward_seconds); None
+    # on rows stored before those columns existed
+    gen_seconds: float | None = None
+    reward_seconds: float | None = None
 
 
 @dataclass(frozen=True)
 class Trajectory:
     """One chain. `states[k]` is the state after step k (the last accepted proposal at or before
     step k); `cum_gen_tokens[k]` and `cum_reward_tokens[k]` are the tokens spent on steps 0..k;
-    `accepted[k]` says whether the proposal of step k was accepted (step 0 always is)."""
+    `accepted[k]` says whether the proposal of step k was accepted (step 0 always is);
+    `cum_seconds[k]` the generator + reward server seconds of steps 0..k (None: not measured
+    for every step)."""
 
     states: tuple[Sample, ...]
     cum_gen_tokens: tuple[int, ...]
     cum_reward_tokens: tuple[int, ...]
     accepted: tuple[bool, ...]
+    cum_seconds: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.states)
@@ -100,6 +107,8 @@ class Trajectory:
             raise ValueError(
                 "a trajectory's states, token counts and accept flags differ in length"
             )
+        if self.cum_seconds is not None and len(self.cum_seconds) != n:
+            raise ValueError("a trajectory's cum_seconds differ in length from its states")
 
     @property
     def length(self) -> int:
@@ -109,7 +118,8 @@ class Trajectory:
 @dataclass(frozen=True)
 class Point:
     """One budget of an accuracy curve: mean accuracy over prompts with its bootstrap interval,
-    and the mean compute per prompt (FLOPs None when the parameter counts are unknown)."""
+    and the mean compute per prompt (FLOPs None when the parameter counts are unknown; server
+    seconds, generator + reward, None when some sample has no latency stored)."""
 
     budget: int
     accuracy: float
@@ -119,6 +129,7 @@ class Point:
     gen_tokens: float
     reward_tokens: float
     flops: float | None
+    server_seconds: float | None = None
 
 
 # ---- one prediction ------------------------------------------------------------------------
@@ -314,6 +325,29 @@ def qalign_votes(
     return votes, gen, rm
 
 
+def qalign_seconds(chains: Sequence[Trajectory], budget: int) -> float | None:
+    """The generator + reward server seconds a budget spent (as `qalign_votes` splits it);
+    None when a chain used has no measurement."""
+    used = split_budget([c.length for c in chains], budget)
+    total = 0.0
+    for chain, k in zip(chains, used, strict=True):
+        if k == 0:
+            continue
+        if chain.cum_seconds is None:
+            return None
+        total += chain.cum_seconds[k - 1]
+    return total
+
+
+def _sample_seconds(samples: Sequence[Sample], uses_rm: bool) -> float | None:
+    total = 0.0
+    for s in samples:
+        if s.gen_seconds is None or (uses_rm and s.reward_seconds is None):
+            return None
+        total += s.gen_seconds + ((s.reward_seconds or 0.0) if uses_rm else 0.0)
+    return total
+
+
 def qalign_correct(
     chains: Sequence[Trajectory],
     budget: int,
@@ -415,20 +449,26 @@ def subsets_of(size: int, n: int, subsets: int, rng_key: str) -> list[tuple[int,
     return [tuple(sorted(rng.sample(range(size), n))) for _ in range(subsets)]
 
 
+_Row = tuple[float, float, float, float | None]  # accuracy, gen tokens, RM tokens, seconds
+
+
 def _point(
     budget: int,
-    per_prompt: Sequence[tuple[float, float, float]],
+    per_prompt: Sequence[_Row],
     *,
     params: Mapping[str, float] | None,
     resamples: int,
     seed: int,
     confidence: float,
 ) -> Point:
-    """A curve point from (accuracy, generated tokens, reward tokens) per prompt."""
-    values = [v for v, _, _ in per_prompt]
+    """A curve point from (accuracy, generated tokens, reward tokens, server seconds or None)
+    per prompt."""
+    values = [row[0] for row in per_prompt]
     acc, lo, hi = bootstrap_ci(values, resamples=resamples, seed=seed, confidence=confidence)
-    gen = float(np.mean([g for _, g, _ in per_prompt])) if per_prompt else math.nan
-    rm = float(np.mean([r for _, _, r in per_prompt])) if per_prompt else math.nan
+    gen = float(np.mean([row[1] for row in per_prompt])) if per_prompt else math.nan
+    rm = float(np.mean([row[2] for row in per_prompt])) if per_prompt else math.nan
+    secs = [row[3] for row in per_prompt if row[3] is not None]
+    seconds = float(np.mean(secs)) if secs and len(secs) == len(per_prompt) else None
     return Point(
         budget=budget,
         accuracy=acc,
@@ -438,6 +478,7 @@ def _point(
         gen_tokens=gen,
         reward_tokens=rm,
         flops=None if not values else flops(gen, rm, params),
+        server_seconds=seconds,
     )
 
 
@@ -466,18 +507,22 @@ def independent_curve(
     uses_rm = USES_REWARD[method]
     # Per budget, per prompt: (accuracy, generated tokens, reward tokens), prompt by prompt so
     # the ROUGE cache (MBR) holds one prompt's texts at a time.
-    table: list[list[tuple[float, float, float]]] = [[] for _ in budgets]
+    table: list[list[_Row]] = [[] for _ in budgets]
     for key, pool in pools.items():
         cache = RougeCache() if method == "mbr" else None
         for row, n in zip(table, budgets, strict=True):
             picks = subsets_of(len(pool), n, subsets, f"{seed}/{key!r}/{n}")
             right = gen = rm = 0.0
+            secs: float | None = 0.0
             for idx in picks:
                 chosen = [pool[i] for i in idx]
                 right += select_correct(method, chosen, temperature=temperature, cache=cache)
                 gen += sum(s.gen_tokens for s in chosen)
                 rm += sum(s.reward_tokens for s in chosen) if uses_rm else 0
-            row.append((right / len(picks), gen / len(picks), rm / len(picks)))
+                spent = _sample_seconds(chosen, uses_rm)
+                secs = None if secs is None or spent is None else secs + spent
+            k = len(picks)
+            row.append((right / k, gen / k, rm / k, None if secs is None else secs / k))
     return [
         _point(n, row, params=params, resamples=resamples, seed=seed, confidence=confidence)
         for n, row in zip(budgets, table, strict=True)
@@ -521,18 +566,22 @@ def qalign_curve(
         budgets = default_budgets(qalign_max_budget(chains, pool))
     if select not in ("mv", "mbr"):
         raise ValueError(f"unknown QAlign selection {select!r}; expected mv or mbr")
-    table: list[list[tuple[float, float, float]]] = [[] for _ in budgets]
+    table: list[list[_Row]] = [[] for _ in budgets]
     for cs in chains.values():
         groups = chain_groups(cs, pool)
         cache = RougeCache() if select == "mbr" else None
         for row, n in zip(table, budgets, strict=True):
             right = gen = rm = 0.0
+            secs: float | None = 0.0
             for g in groups:
                 votes, g_tok, r_tok = qalign_votes(g, n, burn_in=burn_in, thin=thin)
                 right += mv_correct(votes) if select == "mv" else mbr_correct(votes, cache)
                 gen += g_tok
                 rm += r_tok
-            row.append((right / len(groups), gen / len(groups), rm / len(groups)))
+                spent = qalign_seconds(g, n)
+                secs = None if secs is None or spent is None else secs + spent
+            k = len(groups)
+            row.append((right / k, gen / k, rm / k, None if secs is None else secs / k))
     return [
         _point(n, row, params=params, resamples=resamples, seed=seed, confidence=confidence)
         for n, row in zip(budgets, table, strict=True)
@@ -593,6 +642,7 @@ __all__ = [
     "qalign_correct",
     "qalign_curve",
     "qalign_max_budget",
+    "qalign_seconds",
     "qalign_votes",
     "rouge1_f1",
     "rouge_tokens",

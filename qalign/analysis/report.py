@@ -296,35 +296,61 @@ def _x(p: P.Point) -> float:
     return p.flops if p.flops is not None else p.gen_tokens + p.reward_tokens
 
 
+def _seconds(p: P.Point) -> float | None:
+    """The wall-clock axis: generator + reward server seconds per prompt (None: unmeasured)."""
+    return p.server_seconds
+
+
+def _timed(c: Curve) -> bool:
+    """Whether every point of a curve has server seconds (runs stored before migration 0007,
+    or with any unmeasured proposal, have none)."""
+    return bool(c.points) and all(p.server_seconds is not None for p in c.points)
+
+
 def _plot_error_vs_compute(curves_: Sequence[Curve], path: Path, title: str) -> None:
+    with_flops = all(p.flops is not None for c in curves_ for p in c.points)
+    xlabel = (
+        "FLOPs per prompt (2·params·tokens)"
+        if with_flops
+        else "generated + reward-model tokens per prompt"
+    )
+    _plot_error_vs(curves_, path, title, _x, xlabel)
+
+
+def _plot_error_vs(
+    curves_: Sequence[Curve],
+    path: Path,
+    title: str,
+    x: Callable[[P.Point], float | None],
+    xlabel: str,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    with_flops = all(p.flops is not None for c in curves_ for p in c.points)
     for c in curves_:
-        pts = [p for p in c.points if _x(p) > 0 and math.isfinite(p.accuracy)]
+        pts = [
+            (xv, p)
+            for p in c.points
+            if (xv := x(p)) is not None and xv > 0 and math.isfinite(p.accuracy)
+        ]
         if not pts:
             continue
-        xs = [_x(p) for p in pts]
-        ys = [1.0 - p.accuracy for p in pts]
+        xs = [xv for xv, _ in pts]
+        ys = [1.0 - p.accuracy for _, p in pts]
         (line,) = ax.plot(xs, ys, marker="o", ms=3, label=f"{c.method_name} · {c.run.label}")
-        if all(math.isfinite(p.ci_low) for p in pts):
+        if all(math.isfinite(p.ci_low) for _, p in pts):
             ax.fill_between(
                 xs,
-                [1.0 - p.ci_high for p in pts],
-                [1.0 - p.ci_low for p in pts],
+                [1.0 - p.ci_high for _, p in pts],
+                [1.0 - p.ci_low for _, p in pts],
                 color=line.get_color(),
                 alpha=0.15,
             )
     ax.set_xscale("log")
-    ax.set_xlabel(
-        "FLOPs per prompt (2·params·tokens)"
-        if with_flops
-        else "generated + reward-model tokens per prompt"
-    )
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("error rate (1 − accuracy)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
@@ -474,6 +500,27 @@ def write_report(
             f"![error vs compute, {task}]({name})",
             "",
         ]
+        timed = [c for c in cs if _timed(c)]
+        if timed:
+            name = f"error_vs_seconds-{_slug(task)}.png"
+            _plot_error_vs(
+                timed,
+                out_dir / name,
+                f"{task}: error vs server time",
+                _seconds,
+                "generator + reward server seconds per prompt",
+            )
+            images.append(name)
+            untimed = sorted({c.run.label for c in cs if not _timed(c)})
+            md += [
+                "Error rate against wall-clock cost: the seconds the generator and reward "
+                "servers spent on the samples and steps used, per prompt (log scale; a reward "
+                "answered from the in-process cache costs 0)."
+                + (f" Not shown (no latency stored): {', '.join(untimed)}." if untimed else ""),
+                "",
+                f"![error vs server seconds, {task}]({name})",
+                "",
+            ]
         groups = _beta_groups(cs)
         if groups:
             name = f"accuracy_vs_beta-{_slug(task)}.png"
@@ -695,6 +742,16 @@ def _markdown_task(task: str, cs: Sequence[Curve]) -> list[str]:
             by = {p.budget: p for p in c.points}
             rows.append([c.run.label] + [_compute_cell(by[b]) if b in by else "–" for b in budgets])
         md += [*_table(["run", *[str(b) for b in budgets]], rows), ""]
+        if any(_timed(c) for c in mcs):
+            md += [f"{name}: generator + reward server seconds per prompt by budget", ""]
+            rows = []
+            for c in mcs:
+                by = {p.budget: p for p in c.points}
+                rows.append(
+                    [c.run.label]
+                    + [_fmt(_seconds(by[b]), ".3g") if b in by else "–" for b in budgets]
+                )
+            md += [*_table(["run", *[str(b) for b in budgets]], rows), ""]
     return md
 
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 import orjson
 
@@ -20,6 +23,47 @@ from qalign.clients.base import Conversation, RewardModel, score_with_tokens
 def _key(conv: Conversation) -> bytes:
     # hashed on every step: orjson, not the standard library's encoder
     return hashlib.blake2b(orjson.dumps(conv, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
+
+
+@dataclass
+class ScoreMeter:
+    """Within one scoring: calls served whole from a reward cache, and calls that reached a
+    reward server."""
+
+    hits: int = 0
+    misses: int = 0
+
+    @property
+    def free(self) -> bool:
+        """Whether the scoring cost no reward server anything (every call a cache hit)."""
+        return self.hits > 0 and self.misses == 0
+
+
+# A mutable meter, so the tasks a composite reward gathers (each with a copy of the context)
+# report into the caller's.
+_METER: ContextVar[ScoreMeter | None] = ContextVar("qalign_score_meter", default=None)
+
+
+@contextmanager
+def score_meter() -> Iterator[ScoreMeter]:
+    """Count, for the scoring inside this block, cache hits and server calls (`note_scoring`)."""
+    meter = ScoreMeter()
+    token = _METER.set(meter)
+    try:
+        yield meter
+    finally:
+        _METER.reset(token)
+
+
+def note_scoring(*, hit: bool) -> None:
+    """Tell the current `score_meter` (if any) that a scoring call was a cache hit or not."""
+    meter = _METER.get()
+    if meter is None:
+        return
+    if hit:
+        meter.hits += 1
+    else:
+        meter.misses += 1
 
 
 class CachedReward:
@@ -61,6 +105,7 @@ class CachedReward:
         todo = list(first.values())
         self.hits += len(conversations) - len(todo)
         self.misses += len(todo)
+        note_scoring(hit=not todo)
         if todo:
             batch = [conversations[i] for i in todo]
             scores, counts = await score_with_tokens(self.inner, batch)

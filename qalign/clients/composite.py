@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from qalign.clients.base import Conversation, RewardModel
+from qalign.clients.cache import note_scoring
 from qalign.clients.errors import ProtocolError
 
 _PROMPT_CACHE = 4096
@@ -98,6 +99,7 @@ class LMLogLikelihood:
         return ids
 
     async def score(self, conversations: Sequence[Conversation]) -> list[float]:
+        note_scoring(hit=False)  # uncached: a composite with a cached term still pays for this
         return list(await asyncio.gather(*(self._one(c) for c in conversations)))
 
     async def close(self) -> None:

@@ -9,6 +9,7 @@ accepted.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,9 @@ from qalign.dispatch.base import STEP_TASK
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 DEFAULT_QUEUE = "qalign"
+# A message header: when its step becomes runnable (`time.time()` at publishing, plus the
+# countdown), so a worker can store how long the step waited (`proposals.queue_seconds`).
+READY_AT_HEADER = "qalign_ready_at"
 
 
 @dataclass(frozen=True)
@@ -68,12 +72,22 @@ class CeleryDispatcher:
         self.app = app
 
     def enqueue(self, chain_id: int, step: int, countdown: float | None = None) -> None:
-        self.app.send_task(STEP_TASK, args=[chain_id, step], countdown=countdown or None)
+        self.app.send_task(
+            STEP_TASK,
+            args=[chain_id, step],
+            countdown=countdown or None,
+            headers={READY_AT_HEADER: time.time() + (countdown or 0.0)},
+        )
 
     def enqueue_many(self, items: Iterable[tuple[int, int]]) -> int:
         n = 0
         with self.app.producer_or_acquire() as producer:
             for chain_id, step in items:
-                self.app.send_task(STEP_TASK, args=[chain_id, step], producer=producer)
+                self.app.send_task(
+                    STEP_TASK,
+                    args=[chain_id, step],
+                    producer=producer,
+                    headers={READY_AT_HEADER: time.time()},
+                )
                 n += 1
         return n

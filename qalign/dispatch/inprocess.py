@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
-Handler = Callable[[int, int], Coroutine[Any, Any, None]]
+Handler = Callable[[int, int, float], Coroutine[Any, Any, None]]
 
 
 class InProcessDispatcher:
-    """Runs `handler(chain_id, step)` as an asyncio task for every hint.
+    """Runs `handler(chain_id, step, ready_at)` as an asyncio task for every hint, `ready_at`
+    being when the hint became runnable (`time.time()`: enqueued, or its countdown ran out).
 
     Every method must be called on the event loop that runs the handlers. `join()` returns
     when no hint is pending or running any more, and raises the first error a handler raised
@@ -53,7 +55,7 @@ class InProcessDispatcher:
         return len(self._tasks) + len(self._timers)
 
     def _start(self, chain_id: int, step: int) -> None:
-        task = asyncio.get_running_loop().create_task(self._handler(chain_id, step))
+        task = asyncio.get_running_loop().create_task(self._handler(chain_id, step, time.time()))
         self._tasks.add(task)
         task.add_done_callback(self._done)
 

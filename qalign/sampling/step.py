@@ -18,6 +18,7 @@ from qalign.clients.base import (
     SamplingParams,
     score_with_tokens,
 )
+from qalign.clients.cache import score_meter
 from qalign.clients.errors import PromptTooLongError
 from qalign.core import (
     Decision,
@@ -68,6 +69,10 @@ class StepRecord:
     reward_latency_s: float
     reward_tokens: int | None = None
     reward_terms: dict[str, float] | None = None  # a composite reward's raw terms, by name
+    # Wall-clock cost at the servers, retries included: the generator's requests (sampling and
+    # detokenizing) and the reward scoring (0 when the process's reward cache answered).
+    generator_s: float = 0.0
+    reward_s: float = 0.0
 
     @property
     def accepted(self) -> bool:
@@ -101,9 +106,18 @@ async def templated_prompt(
     return ids
 
 
-async def _sample(
-    spec: ChainSpec, gen: Generator, plan: StepPlan
-) -> tuple[tuple[int, ...], Finish, tuple[float, ...] | None, str, float]:
+@dataclass(frozen=True)
+class _Sampled:
+    tokens: tuple[int, ...]
+    finish: Finish
+    logprobs: tuple[float, ...] | None
+    endpoint: str
+    latency_s: float  # the answering request's own latency (the client's figure)
+    wall_s: float  # the whole call, retries included
+
+
+async def _sample(spec: ChainSpec, gen: Generator, plan: StepPlan) -> _Sampled:
+    t0 = time.perf_counter()
     cont = await gen.generate(
         spec.prompt_ids + plan.prefix,
         max_tokens=plan.max_tokens,
@@ -112,7 +126,8 @@ async def _sample(
         logprobs=spec.kernel.needs_logprobs or spec.track_logprobs,
         affinity=spec.key,
     )
-    return cont.token_ids, cont.finish, cont.logprobs, cont.endpoint, cont.latency_s
+    wall = time.perf_counter() - t0
+    return _Sampled(cont.token_ids, cont.finish, cont.logprobs, cont.endpoint, cont.latency_s, wall)
 
 
 @dataclass(frozen=True)
@@ -122,27 +137,50 @@ class _Scored:
     latency_s: float
     tokens: int | None = None
     terms: dict[str, float] | None = None
+    detokenize_s: float = 0.0  # the generator's share of scoring: turning tokens into text
+    server_s: float = 0.0  # `latency_s`, except 0 when the reward cache answered
+
+
+async def _detokenize(gen: Generator, tokens: tuple[int, ...]) -> tuple[str, float]:
+    t0 = time.perf_counter()
+    text = await gen.detokenize(tokens)
+    return text, time.perf_counter() - t0
 
 
 async def _score(spec: ChainSpec, gen: Generator, rm: RewardModel, candidate: State) -> _Scored:
-    text = await gen.detokenize(candidate.text_tokens)
+    text, detok_s = await _detokenize(gen, candidate.text_tokens)
     conv = [reward_conversation(spec.messages, text)]
     t0 = time.perf_counter()
-    score_terms = getattr(rm, "score_terms", None)
-    if score_terms is not None:  # a composite reward: keep each term
-        (reward,), (terms,) = await score_terms(conv)
-        return _Scored(float(reward), text, time.perf_counter() - t0, terms=dict(terms))
-    (reward,), (n_tokens,) = await score_with_tokens(rm, conv)
-    return _Scored(float(reward), text, time.perf_counter() - t0, n_tokens)
+    terms: dict[str, float] | None = None
+    n_tokens: int | None = None
+    with score_meter() as meter:
+        score_terms = getattr(rm, "score_terms", None)
+        if score_terms is not None:  # a composite reward: keep each term
+            (reward,), (raw,) = await score_terms(conv)
+            terms = dict(raw)
+        else:
+            (reward,), (n_tokens,) = await score_with_tokens(rm, conv)
+    elapsed = time.perf_counter() - t0
+    return _Scored(
+        float(reward),
+        text,
+        elapsed,
+        n_tokens,
+        terms,
+        detokenize_s=detok_s,
+        server_s=0.0 if meter.free else elapsed,
+    )
 
 
 async def initial_step(spec: ChainSpec, gen: Generator, rm: RewardModel | None) -> StepRecord:
     """Step 0: draw the chain's first state from the LM and score it (unscored: reward NaN)."""
     plan = plan_initial(spec.kernel, spec.seed, spec.key)
-    tokens, finish, logprobs, endpoint, gen_latency = await _sample(spec, gen, plan)
+    sampled = await _sample(spec, gen, plan)
+    tokens, finish, logprobs = sampled.tokens, sampled.finish, sampled.logprobs
     state = make_proposal(plan, None, tokens, finish, math.nan, logprobs)
     if rm is None:
-        scored = _Scored(math.nan, await gen.detokenize(state.text_tokens), 0.0)
+        text, detok_s = await _detokenize(gen, state.text_tokens)
+        scored = _Scored(math.nan, text, 0.0, detokenize_s=detok_s)
     else:
         scored = await _score(spec, gen, rm, state)
         state = make_proposal(plan, None, tokens, finish, scored.reward, logprobs)
@@ -158,11 +196,13 @@ async def initial_step(spec: ChainSpec, gen: Generator, rm: RewardModel | None) 
         decision=Decision(0.0, 1.0, True),
         state=state,
         state_text=text,
-        endpoint=endpoint,
-        gen_latency_s=gen_latency,
+        endpoint=sampled.endpoint,
+        gen_latency_s=sampled.latency_s,
         reward_latency_s=scored.latency_s,
         reward_tokens=scored.tokens,
         reward_terms=scored.terms,
+        generator_s=sampled.wall_s + scored.detokenize_s,
+        reward_s=scored.server_s,
     )
 
 
@@ -201,7 +241,8 @@ async def mcmc_step(
 ) -> StepRecord:
     """Propose from `current` at step `step` (>= 1), score, and accept or reject."""
     plan = plan_step(spec.kernel, current, spec.seed, spec.key, step)
-    tokens, finish, logprobs, endpoint, gen_latency = await _sample(spec, gen, plan)
+    sampled = await _sample(spec, gen, plan)
+    tokens, finish, logprobs = sampled.tokens, sampled.finish, sampled.logprobs
     unusable = check_continuation(spec.kernel, plan, tokens, finish, logprobs)
     proposal: State | None = None
     scored = _Scored(math.nan, "", 0.0)
@@ -223,11 +264,13 @@ async def mcmc_step(
         decision=decision,
         state=proposal if accepted and proposal is not None else current,
         state_text=text if accepted else current_text,
-        endpoint=endpoint,
-        gen_latency_s=gen_latency,
+        endpoint=sampled.endpoint,
+        gen_latency_s=sampled.latency_s,
         reward_latency_s=scored.latency_s,
         reward_tokens=scored.tokens,
         reward_terms=scored.terms,
+        generator_s=sampled.wall_s + scored.detokenize_s,
+        reward_s=scored.server_s,
     )
 
 

@@ -8,6 +8,7 @@ Interrupting and running again resumes from the last committed step of every cha
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,9 +109,14 @@ async def run_locally(
         report.count(out)
         bars.update(out)
 
-    async def handle(chain_id: int, step: int) -> None:
+    async def handle(chain_id: int, step: int, ready_at: float) -> None:
         _, nxt = await drive(
-            service, chain_id, step, on_outcome=seen, on_wake=dispatcher.enqueue_many
+            service,
+            chain_id,
+            step,
+            on_outcome=seen,
+            on_wake=dispatcher.enqueue_many,
+            ready_at=ready_at,
         )
         follow(dispatcher, chain_id, nxt)
 
@@ -135,9 +141,10 @@ async def _lockstep(service: StepService, pending: dict[int, int], seen: Any) ->
     while pending:
         level = min(pending.values())
         batch = [cid for cid, step in pending.items() if step == level]
+        ready_at = time.time()  # a level's steps are runnable once the previous level is done
 
-        async def one(cid: int, level: int = level) -> None:
-            out = await service.take(cid, level)
+        async def one(cid: int, level: int = level, ready_at: float = ready_at) -> None:
+            out = await service.take(cid, level, ready_at)
             seen(out)
             for woken, at in out.wake:  # released from a `stop_when` checkpoint
                 pending[woken] = at

@@ -26,36 +26,45 @@ async def drive(
     stopping: Callable[[], bool] = lambda: False,
     on_outcome: Callable[[Outcome], None] | None = None,
     on_wake: Callable[[Sequence[tuple[int, int]]], object] | None = None,
+    ready_at: float | None = None,
 ) -> tuple[Outcome, Next]:
     """Take steps of one chain from `step` until the policy says anything but continue.
 
     Other chains a step released (`Outcome.wake`) go to `on_wake` at once, so they do not
     wait for this chain's driver to stop; without it they come back in the returned `Next`.
+    `ready_at` (`time.time()`) is when the first step became runnable (None: now); each next
+    step is runnable as soon as the previous one has committed.
 
     Returns the last outcome and what follows it (a retry, a hand-on, or stop).
     """
     started = time.monotonic()
     taken = 0
     wake: list[tuple[int, int]] = []
-    while True:
-        out = await service.take(chain_id, step)
-        taken += 1
-        if out.wake and on_wake is not None:
-            on_wake(out.wake)
-        elif out.wake:
-            wake += out.wake
-        if on_outcome is not None:
-            on_outcome(out)
-        nxt = after_step(
-            out,
-            taken=taken,
-            elapsed=time.monotonic() - started,
-            budget=budget,
-            stopping=stopping(),
-        )
-        if nxt.action is not Action.CONTINUE or nxt.step is None:
-            return out, dataclasses.replace(nxt, wake=tuple(wake)) if wake else nxt
-        step = nxt.step
+    gauge = service.metrics.in_flight
+    gauge.inc()
+    try:
+        while True:
+            out = await service.take(chain_id, step, ready_at)
+            ready_at = time.time()
+            taken += 1
+            if out.wake and on_wake is not None:
+                on_wake(out.wake)
+            elif out.wake:
+                wake += out.wake
+            if on_outcome is not None:
+                on_outcome(out)
+            nxt = after_step(
+                out,
+                taken=taken,
+                elapsed=time.monotonic() - started,
+                budget=budget,
+                stopping=stopping(),
+            )
+            if nxt.action is not Action.CONTINUE or nxt.step is None:
+                return out, dataclasses.replace(nxt, wake=tuple(wake)) if wake else nxt
+            step = nxt.step
+    finally:
+        gauge.dec()
 
 
 def follow(dispatcher: Dispatcher, chain_id: int, nxt: Next) -> None:

@@ -44,6 +44,7 @@ from qalign.sampling.step import (
     templated_prompt,
     warm_start_step,
 )
+from qalign.steps.metrics import DATABASE_UNAVAILABLE, StepMetrics
 from qalign.steps.outcome import Outcome, Result
 from qalign.steps.spec import RunSpec
 from qalign.storage import repo
@@ -147,8 +148,11 @@ def mask_secrets(text: str, secrets: list[str]) -> str:
     return text
 
 
-def step_params(chain: repo.ChainRow, rec: StepRecord, worker: str) -> dict[str, Any]:
-    """The SQL parameters of a step's commit (`repo.STEP_PARAMS`), straight from its record."""
+def step_params(
+    chain: repo.ChainRow, rec: StepRecord, worker: str, queue_s: float = 0.0
+) -> dict[str, Any]:
+    """The SQL parameters of a step's commit (`repo.STEP_PARAMS`), straight from its record
+    (`queue_s`: how long the step waited to start, see `StepService.take`)."""
     proposal = rec.proposal
     state: State = rec.state
     return {
@@ -177,7 +181,16 @@ def step_params(chain: repo.ChainRow, rec: StepRecord, worker: str) -> dict[str,
         "state_reward": state.reward,
         "state_finish": state.finish.value,
         "state_text": rec.state_text,
+        "generator_seconds": rec.generator_s,
+        "reward_seconds": rec.reward_s,
+        "queue_seconds": queue_s,
     }
+
+
+@dataclass(frozen=True)
+class _Proposed:
+    record: StepRecord
+    queue_s: float
 
 
 @dataclass(frozen=True)
@@ -199,6 +212,7 @@ class StepService:
             sweep's `execution.concurrency`.
         clients: the server clients (a new registry when None).
         db_threads: threads for blocking database calls (PostgreSQL; SQLite runs inline).
+        metrics: where the steps are counted (a registry of the service's own when None).
     """
 
     def __init__(
@@ -209,6 +223,7 @@ class StepService:
         concurrency: int | None = None,
         clients: ClientRegistry | None = None,
         db_threads: int = 32,
+        metrics: StepMetrics | None = None,
     ) -> None:
         if concurrency is not None and concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -217,6 +232,7 @@ class StepService:
         self.concurrency = concurrency
         self.clients = clients or ClientRegistry()
         self.db_threads = db_threads
+        self.metrics = metrics or StepMetrics()
         self._pool: ThreadPoolExecutor | None = None
         bind = sessions.kw.get("bind")
         # A local SQLite call takes tens of microseconds, less than handing it to a thread and
@@ -261,13 +277,21 @@ class StepService:
 
     # ---- one step ----------------------------------------------------------------------------
 
-    async def take(self, chain_id: int, step: int) -> Outcome:
+    async def take(self, chain_id: int, step: int, ready_at: float | None = None) -> Outcome:
         """Take step `step` of chain `chain_id` if it is the chain's next step; see module doc.
+
+        Args:
+            ready_at: when the step became runnable (`time.time()`: its hint was enqueued, its
+                retry delay ran out, or the chain's previous step committed); the step's
+                `queue_seconds` run from then to when it gets its `execution.concurrency` slot.
+                None: from this call.
 
         Raises:
             ChainNotFoundError: there is no chain `chain_id`.
             DatabaseFailure: the database cannot be used (read-only, full, corrupt, ...).
         """
+        ready = time.time() if ready_at is None else ready_at
+        t_sql = time.perf_counter()
         try:
             loaded = await self.db(self._load, chain_id)
         except ChainNotFoundError:
@@ -276,6 +300,7 @@ class StepService:
             if _database_error(exc):
                 return self._database_trouble(chain_id, step, exc)
             raise
+        sql_s = time.perf_counter() - t_sql
         chain, spec = loaded.chain, loaded.spec
         if (early := self._precheck(chain, step, spec)) is not None:
             return early
@@ -290,21 +315,28 @@ class StepService:
                 raise
             if gate is not None:
                 return gate
-        out = await self._advance(loaded, step)
+        out = await self._advance(loaded, step, ready, sql_s)
         return dataclasses.replace(out, wake=wake) if wake else out
 
-    async def _advance(self, loaded: _Loaded, step: int) -> Outcome:
-        """Propose step `step` and commit it (or record the failure)."""
+    async def _advance(self, loaded: _Loaded, step: int, ready: float, sql_s: float) -> Outcome:
+        """Propose step `step` and commit it (or record the failure).
+
+        `ready` is when the step became runnable; `sql_s` the SQL seconds spent on it so far.
+        """
         chain_id, chain = loaded.chain.chain_id, loaded.chain
         try:
-            rec = await self._propose(loaded, step)
+            proposed = await self._propose(loaded, step, ready)
         except Exception as exc:
             if _database_error(exc):
                 return self._database_trouble(chain_id, step, exc)
             return await self._failed(loaded, step, exc)
+        rec = proposed.record
+        t_sql = time.perf_counter()
         try:
             moved = await self.db(
-                repo.commit_step, self.sessions, step_params(chain, rec, self.worker)
+                repo.commit_step,
+                self.sessions,
+                step_params(chain, rec, self.worker, proposed.queue_s),
             )
         except Exception as exc:
             if _database_error(exc):
@@ -312,6 +344,8 @@ class StepService:
             return await self._failed(loaded, step, exc)
         if not moved:
             return Outcome(chain_id, step, Result.DUPLICATE, run_id=chain.run_id)
+        sql_s += time.perf_counter() - t_sql
+        self.metrics.step_committed(rec.generator_s, rec.reward_s, sql_s)
         done = step >= chain.target_steps
         if done:
             done = await self._still_done(chain_id, step)
@@ -435,14 +469,16 @@ class StepService:
             found = self._limits[sweep_id] = (size, asyncio.Semaphore(size))
         return found[1]
 
-    async def _propose(self, loaded: _Loaded, step: int) -> StepRecord:
-        """Talk to the servers for step `step`: the record to commit."""
+    async def _propose(self, loaded: _Loaded, step: int, ready_at: float) -> _Proposed:
+        """Talk to the servers for step `step`: the record to commit and its queue wait."""
         spec = loaded.spec
         async with self._limit(loaded.sweep_id, spec):
+            # Clamped: a Celery hint's enqueue time comes from another host's clock.
+            queue_s = max(0.0, time.time() - ready_at)
             deadline = asyncio.timeout(spec.execution.stall_timeout)
             try:
                 async with deadline:
-                    return await self._sample(loaded, step)
+                    return _Proposed(await self._sample(loaded, step), queue_s)
             except TimeoutError as exc:
                 if deadline.expired():
                     raise StepStalledError(str(exc)) from exc
@@ -495,6 +531,7 @@ class StepService:
             if _database_error(db_exc):
                 return self._database_trouble(chain.chain_id, step, db_exc)
             raise
+        self.metrics.step_failed(repo.error_kind(message))  # the kind its step_errors row has
         return Outcome(
             chain.chain_id,
             step,
@@ -513,6 +550,7 @@ class StepService:
                 "chain %s step %s: database unavailable (%s: %s); retrying later",
                 chain_id, step, type(exc).__name__, first,
             )  # fmt: skip
+            self.metrics.step_failed(DATABASE_UNAVAILABLE)
             return Outcome(chain_id, step, Result.DEFERRED, error=f"{type(exc).__name__}: {first}")
         if isinstance(exc, DatabaseFailure):
             raise exc

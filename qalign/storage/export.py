@@ -52,6 +52,9 @@ def _proposal_fields() -> dict[str, Any]:
                 "worker",
                 "created_at",
                 "reward_terms",
+                "generator_seconds",
+                "reward_seconds",
+                "queue_seconds",
             )
         },
     }

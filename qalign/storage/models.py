@@ -210,6 +210,12 @@ class Proposal(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     # a composite reward's terms by name (raw, unweighted; non-finite ones as null)
     reward_terms: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # Wall-clock cost of the step (NULL on rows from before migration 0007): seconds spent on
+    # the generator's requests, on reward scoring (0 for an in-process cache hit), and waiting
+    # between becoming runnable and getting a concurrency slot (see README "Wall-clock cost").
+    generator_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reward_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    queue_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class StepError(Base):

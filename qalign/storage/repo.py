@@ -521,6 +521,7 @@ STEP_PARAMS = (
     "log_a", "alpha", "accepted", "finish", "reject_reason", "gen_seed", "reward_tokens",
     "gen_latency_ms", "reward_latency_ms", "endpoint", "worker", "state_tokens",
     "state_logprobs", "state_reward", "state_finish", "state_text", "reward_terms",
+    "generator_seconds", "reward_seconds", "queue_seconds",
 )  # fmt: skip
 
 

@@ -10,6 +10,7 @@ the retry) through a `CeleryDispatcher` on the same app.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 from typing import Any
@@ -18,9 +19,10 @@ from celery import Celery
 from celery.signals import worker_shutting_down
 
 from qalign.dispatch.base import STEP_TASK
-from qalign.dispatch.celery import CeleryDispatcher, celery_app
+from qalign.dispatch.celery import READY_AT_HEADER, CeleryDispatcher, celery_app
 from qalign.sampling.loop import run_sync
 from qalign.steps.drive import drive, follow
+from qalign.steps.metrics import StepMetrics, serve_metrics
 from qalign.steps.policy import DEFERRED_S, Action, Budget, Next
 from qalign.steps.service import DatabaseFailure, StepService
 from qalign.storage.errors import ChainNotFoundError
@@ -41,6 +43,8 @@ class WorkerRuntime:
         self.shutting_down = threading.Event()
         self._lock = threading.Lock()
         self._service: StepService | None = None
+        # Made before the service (built on the first task), so /metrics serves from start-up.
+        self.metrics = StepMetrics()
 
     def service(self) -> StepService:
         """The process's step service (database engine and server clients), built on first use."""
@@ -53,6 +57,7 @@ class WorkerRuntime:
                     make_sessionmaker(engine),
                     worker=self.settings.name,
                     db_threads=self.settings.db_threads,
+                    metrics=self.metrics,
                 )
             return self._service
 
@@ -64,10 +69,18 @@ class WorkerRuntime:
             run_sync(service.close())
 
     def take(
-        self, chain_id: int, step: int, message_id: str, dispatcher: CeleryDispatcher
+        self,
+        chain_id: int,
+        step: int,
+        message_id: str,
+        dispatcher: CeleryDispatcher,
+        ready_at: float | None = None,
     ) -> tuple[str, Next]:
         """Drive a chain from `step` within the task budget; what follows goes to the broker
-        (chains a step released go there at once)."""
+        (chains a step released go there at once).
+
+        `ready_at` is when the message's step became runnable (its `qalign_ready_at` header).
+        """
         try:
             out, nxt = run_sync(
                 drive(
@@ -77,6 +90,7 @@ class WorkerRuntime:
                     budget=self.budget,
                     stopping=self.shutting_down.is_set,
                     on_wake=dispatcher.enqueue_many,
+                    ready_at=ready_at,
                 )
             )
         except ChainNotFoundError as exc:  # a message from elsewhere, or a deleted sweep
@@ -88,6 +102,14 @@ class WorkerRuntime:
             return "database-failure", Next(Action.RETRY, step, random.uniform(*DEFERRED_S))
         log.info("chain %s step %s: %s", chain_id, out.step, out.result.value)
         return out.result.value, nxt
+
+
+def _ready_at(value: Any) -> float | None:
+    """A message's ready-at header as a time, None when absent or not a number (a message
+    published by an older qalign, or by hand: its queue wait then counts from the task start)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 def worker_app(settings: WorkerSettings) -> tuple[Celery, WorkerRuntime]:
@@ -107,7 +129,13 @@ def worker_app(settings: WorkerSettings) -> tuple[Celery, WorkerRuntime]:
         except InvalidStepArgsError as exc:
             log.error("%s", drop_line(task.request.id, STEP_TASK, str(exc)))
             return "invalid"
-        result, nxt = runtime.take(chain_id, step, task.request.id, dispatcher)
+        result, nxt = runtime.take(
+            chain_id,
+            step,
+            task.request.id,
+            dispatcher,
+            _ready_at(task.request.get(READY_AT_HEADER)),
+        )
         follow(dispatcher, chain_id, nxt)
         return result
 
@@ -121,6 +149,11 @@ def worker_app(settings: WorkerSettings) -> tuple[Celery, WorkerRuntime]:
 def run_worker(settings: WorkerSettings) -> int:
     """Run a worker in this process until it stops; returns its exit code."""
     app, runtime = worker_app(settings)
+    # Celery's `threads` pool: every task of this worker runs in this process, so one registry
+    # counts every step (no multiprocess mode).
+    server = (
+        serve_metrics(runtime.metrics, settings.metrics_port) if settings.metrics_port else None
+    )
     worker = app.Worker(
         hostname=settings.name,
         pool_cls="threads",
@@ -133,4 +166,6 @@ def run_worker(settings: WorkerSettings) -> int:
         worker.start()
     finally:
         runtime.close()
+        if server is not None:
+            server.close()
     return int(worker.exitcode or 0)

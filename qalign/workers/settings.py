@@ -18,6 +18,7 @@ class WorkerSettings:
         concurrency: threads, i.e. steps of any sweep in flight at once in this process.
         steps_per_task: steps of one chain a task takes before handing the chain on.
         task_budget_s: seconds a task keeps one chain before handing it on.
+        metrics_port: serve Prometheus metrics at http://127.0.0.1:PORT/metrics (0: off).
     """
 
     database_url: str
@@ -28,11 +29,14 @@ class WorkerSettings:
     task_budget_s: float = 10.0
     loglevel: str = "INFO"
     db_threads: int = 32
+    metrics_port: int = 0
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
         if self.steps_per_task < 1:
             raise ValueError(f"steps_per_task must be >= 1, got {self.steps_per_task}")
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be 0..65535, got {self.metrics_port}")
         if not self.task_budget_s > 0:
             raise ValueError(f"task_budget_s must be > 0, got {self.task_budget_s}")
