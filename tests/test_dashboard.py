@@ -242,6 +242,11 @@ def test_every_page_shows_the_database_figures(
         "ps => ps.map(p => p.dataset.series)"
     )
     assert set(series) == {"mv", "wmv", "bon", "qalign"}
+    # the same methods against server-seconds (every proposal stores its latencies)
+    seconds = tab.page.locator('[data-chart="curves_seconds"] path[data-series]').evaluate_all(
+        "ps => ps.map(p => p.dataset.series)"
+    )
+    assert set(seconds) == {"mv", "wmv", "bon", "qalign"}
     ((cut_props,),) = sql(
         db_url, "SELECT COUNT(*) FROM proposals WHERE run_id = :r AND step > 0", r=first_run
     )

@@ -254,18 +254,21 @@ def _cut_bins(cut_acc: dict[int, list[int]]) -> list[dict[str, Any]]:
 
 
 def run_curves(sessions: Sessions, run_id: int, method: str) -> dict[str, Any]:
-    """Error (1 - accuracy) against generated tokens per prompt, per `qalign predict` method."""
+    """Error (1 - accuracy) against generated tokens and server-seconds per prompt, per
+    `qalign predict` method: points are [tokens, error, budget, seconds or None]."""
     t0 = time.perf_counter()
     try:
         samples = load_samples(sessions, run_id)
         curves: dict[str, Any] = {}
         for m in ("mv", "wmv", "bon"):
             pts = independent_curve(samples, m, resamples=CURVE_RESAMPLES)
-            curves[m] = [[p.gen_tokens, 1 - p.accuracy, p.budget] for p in pts]
+            curves[m] = [[p.gen_tokens, 1 - p.accuracy, p.budget, p.server_seconds] for p in pts]
         if method in CHAIN_RUN_METHODS:
             traj = load_trajectories(sessions, run_id)
             pts = qalign_curve(traj, resamples=CURVE_RESAMPLES)
-            curves["qalign"] = [[p.gen_tokens, 1 - p.accuracy, p.budget] for p in pts]
+            curves["qalign"] = [
+                [p.gen_tokens, 1 - p.accuracy, p.budget, p.server_seconds] for p in pts
+            ]
     except AnalysisError as exc:
         return {"error": str(exc), "seconds": time.perf_counter() - t0}
     return {"curves": curves, "seconds": time.perf_counter() - t0}

@@ -296,8 +296,14 @@ def run_page(
     cut = a.get("cut_acceptance") or []
     curve_doc = curves["result"] or {}
     curve_series = [
-        {"name": m, "points": [[x, y] for x, y, _ in pts]}
+        {"name": m, "points": [[p[0], p[1]] for p in pts]}
         for m, pts in (curve_doc.get("curves") or {}).items()
+    ]
+    # runs stored before latency columns existed have no server-seconds: no such series
+    seconds_series = [
+        {"name": m, "points": [[p[3], p[1]] for p in pts if p[3] is not None]}
+        for m, pts in (curve_doc.get("curves") or {}).items()
+        if pts and all(len(p) > 3 and p[3] is not None for p in pts)
     ]
     curve_note = curve_doc.get("error") or curves["error"]
     if not curves["current"]:
@@ -375,6 +381,14 @@ def run_page(
                 "error (1 - accuracy)",
                 curve_series,
                 curve_note,
+            ),
+            _chart(
+                "curves_seconds",
+                "error vs server-seconds (qalign predict's methods)",
+                "generator + reward server seconds per prompt",
+                "error (1 - accuracy)",
+                seconds_series,
+                curve_note if seconds_series else "no latency stored for this run",
             ),
             *(
                 _chart(k, CHART_TITLES[k][0], "step", CHART_TITLES[k][1], s, diag_note)
