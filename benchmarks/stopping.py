@@ -23,6 +23,8 @@ import os
 import platform
 import random
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -169,6 +171,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller run (CI smoke test)")
     args = ap.parse_args()
+    # a terminated benchmark still removes its temp folder: atexit runs on SystemExit only
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.quick:
         res = run(16, 4, 32, {"rhat": 1.1, "ess": 20, "min_steps": 8, "every": 4})
     else:
