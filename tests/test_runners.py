@@ -613,6 +613,7 @@ COVERED = {
     "max_new_tokens": "test_runners.py::test_sampling_keys_take_effect",
     "max_prompt_length": "test_runners.py::test_prompt_and_vocabulary_limits_take_effect",
     "stop_when": "test_runners.py::test_stop_when_takes_effect_alike_on_both_runners",
+    "smc": "test_smc.py::test_smc_runs_have_one_step_per_block_and_store_their_settings",
     "warm_start": "test_extend.py::"
     + "test_warm_start_begins_each_chain_at_the_source_chains_final_state",
     "execution.concurrency": "test_runners.py::test_concurrency_takes_effect",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from qalign.toy.exact import total_variation
 from qalign.toy.model import ToyModel
 from qalign.toy.server import ToyServerOptions, serve_in_thread
 from qalign.toy.smc import pooled, pooled_sd, simulate
-from tests.sweeps_support import sweep_config
+from tests.sweeps_support import ROOT, sweep_config
 
 MODEL = ToyModel()
 MAX_NEW = 3
@@ -303,34 +305,25 @@ def test_an_interrupted_sweep_resumes_to_the_same_rows(
     assert _rows(sessions) == whole
 
 
-def test_a_particle_genealogy_is_a_recursive_query(finished: tuple[str, Any]) -> None:
+def test_the_readme_genealogy_query_traces_every_final_particle(finished: tuple[str, Any]) -> None:
     url, _ = finished
     sessions = make_sessionmaker(make_engine(url))
+    query = re.findall(r"```sql\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[-1]
+    assert "smc_ancestry" in query
     with sessions() as s:
-        leaf, last = s.execute(
-            select(SmcAncestry.chain_id, SmcAncestry.block).order_by(
-                SmcAncestry.block.desc(), SmcAncestry.chain_id
-            )
-        ).first()  # type: ignore[misc]
-        rows = s.execute(text(GENEALOGY), {"chain": leaf, "block": last}).all()
-    blocks = [b for _, b, _ in rows]
-    assert blocks == list(range(last, -1, -1))
-    assert rows[0][0] == leaf
-    for (child, _, parent), (nxt, _, _) in zip(rows, rows[1:], strict=False):
-        assert parent == nxt  # each row's parent is the next row's particle
-
-
-GENEALOGY = """
-WITH RECURSIVE line(chain_id, block, parent_chain_id) AS (
-  SELECT a.chain_id, a.block, a.parent_chain_id FROM smc_ancestry a
-  WHERE a.chain_id = :chain AND a.block = :block
-  UNION ALL
-  SELECT a.chain_id, a.block, a.parent_chain_id
-  FROM smc_ancestry a JOIN line ON a.chain_id = line.parent_chain_id
-                               AND a.block = line.block - 1
-)
-SELECT chain_id, block, parent_chain_id FROM line
-UNION ALL
-SELECT parent_chain_id, 0, NULL FROM line WHERE block = 1
-ORDER BY block DESC
-"""
+        rows = s.execute(text(query)).all()
+        anc = {(a.chain_id, a.block): a.parent_chain_id
+               for a in s.execute(select(SmcAncestry)).scalars()}  # fmt: skip
+        particles = len(s.execute(select(Chain.id)).all())
+    last = max(b for _, b in anc)
+    lines: dict[int, list[tuple[int, int, int]]] = {}
+    for leaf, block, chain, parent in rows:
+        lines.setdefault(leaf, []).append((block, chain, parent))
+    assert len(lines) == particles
+    for leaf, line in lines.items():
+        assert [b for b, _, _ in line] == list(range(last, 0, -1))
+        assert line[0][1] == leaf
+        for block, chain, parent in line:
+            assert anc[(chain, block)] == parent
+        for (_, _, parent), (_, nxt, _) in itertools.pairwise(line):
+            assert parent == nxt  # each block's parent is the particle one block earlier
