@@ -17,7 +17,9 @@ from qalign.toy.model import EOS, ToyModel
 Update = Callable[[float, float, float], float]  # (beta, reward, previous reward) -> log increment
 
 
-def _extend(model: ToyModel, tokens: tuple[int, ...], budget: int, rng: random.Random) -> tuple:
+def _extend(
+    model: ToyModel, tokens: tuple[int, ...], budget: int, rng: random.Random
+) -> tuple[int, ...]:
     out = list(tokens)
     for _ in range(budget):
         probs = model.next_probs(out[-1] if out else None)
