@@ -22,8 +22,9 @@ from yaml.nodes import CollectionNode, MappingNode, Node
 
 from qalign.clients.spec import GeneratorSpec, RewardSpec
 from qalign.core import index_distribution
+from qalign.core.smc import block_count
 from qalign.core.stopping import DEFAULT_EVERY, DEFAULT_MIN_STEPS, StopRule
-from qalign.steps.spec import ExecutionSpec, RunSpec
+from qalign.steps.spec import ExecutionSpec, RunSpec, SmcSpec
 
 DEFAULT_STEPS = 10
 
@@ -272,13 +273,21 @@ class StopWhenConfig(_Strict):
         return StopRule(rhat=self.rhat, ess=self.ess, min_steps=self.min_steps, every=self.every)
 
 
+class SmcConfig(_Strict):
+    """`method: smc`: particles (`chains_per_prompt`) grow `block_tokens` at a time and are
+    resampled when their ESS falls under `ess_threshold` x particles (see `qalign.core.smc`)."""
+
+    block_tokens: Annotated[int, Field(ge=1)]
+    ess_threshold: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.5
+
+
 class SweepConfig(_Strict):
     """A whole sweep. Grid axes (`beta`, `temperature`, `steps`, `generator.model`) take a value
     or a list of values; every combination is one run."""
 
     # The length is checked by `check_limits` (one line naming the limit), not here.
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.:\-]+$")]
-    method: Literal["qalign", "quest", "ancestral"] = "qalign"
+    method: Literal["qalign", "quest", "ancestral", "smc"] = "qalign"
     generator: GeneratorConfig
     reward: RewardConfig | None = None
     dataset: DatasetConfig
@@ -298,6 +307,7 @@ class SweepConfig(_Strict):
     execution: ExecutionConfig = ExecutionConfig()
     warm_start: WarmStartConfig | None = None
     stop_when: StopWhenConfig | None = None
+    smc: SmcConfig | None = None
 
     _grid = field_validator("beta", "temperature", "steps", mode="before")(_as_list)
 
@@ -309,7 +319,11 @@ class SweepConfig(_Strict):
 
     @model_validator(mode="after")
     def _method_needs(self) -> SweepConfig:
-        if self.method in ("qalign", "quest") and self.reward is None:
+        if self.method == "smc":
+            _smc_needs(self)
+        elif self.smc is not None:
+            raise ValueError("the `smc` section is for `method: smc`")
+        if self.method in ("qalign", "quest", "smc") and self.reward is None:
             raise ValueError(f"method {self.method!r} needs a `reward` section")
         if self.method == "ancestral" and self.steps not in (None, [0]):
             raise ValueError("ancestral runs take no `steps`; set `chains_per_prompt` to n samples")
@@ -332,6 +346,8 @@ class SweepConfig(_Strict):
         """The grid's axes (beta, temperature, steps, model); each run is a point of the product."""
         betas: list[float | None] = [None] if self.method == "ancestral" else list(self.beta)
         step_axis = [0] if self.method == "ancestral" else (self.steps or [DEFAULT_STEPS])
+        if self.method == "smc" and self.smc is not None:
+            step_axis = [block_count(self.max_new_tokens, self.smc.block_tokens) - 1]
         return betas, list(self.temperature), list(step_axis), list(self.generator.model)
 
     def runs(self) -> list[RunSpec]:
@@ -365,6 +381,7 @@ class SweepConfig(_Strict):
                     reward=reward,
                     execution=execution,
                     stop_when=self.stop_when.rule() if self.stop_when else None,
+                    smc=SmcSpec(**self.smc.model_dump()) if self.smc else None,
                 )
             )
         return out
@@ -393,12 +410,24 @@ class SweepConfig(_Strict):
             mode="json",
             exclude={"execution": True, "generator": transport, "reward": reward_exclude},
         )
-        for key in ("warm_start", "stop_when"):
+        for key in ("warm_start", "stop_when", "smc"):
             if data.get(key) is None:
                 del data[key]  # sweeps from before the key keep their fingerprint
         if self.reward is not None and not self.reward.terms:
             data["reward"].pop("terms", None)  # sweeps made before composite rewards
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _smc_needs(cfg: SweepConfig) -> None:
+    """What `method: smc` requires: its section, and none of the chain-only settings."""
+    if cfg.smc is None:
+        raise ValueError("method 'smc' needs an `smc` section with `block_tokens`")
+    if cfg.steps is not None:
+        raise ValueError("smc runs take no `steps`: a run has ceil(max_new_tokens / "
+                         "block_tokens) blocks")  # fmt: skip
+    for key in ("warm_start", "stop_when"):
+        if getattr(cfg, key) is not None:
+            raise ValueError(f"{key} is for qalign and quest chains, not smc particles")
 
 
 _SECRET_KEYS = {"api_key", "apikey", "key", "token", "password", "secret", "bearer"}

@@ -61,7 +61,7 @@ def test_readme_queries_run(backend, sqlite_url, pg_url):
         results = [conn.execute(text(q)).all() for q in QUERIES]
         expected = conn.execute(text(STATE_REWARD_BY_DEFINITION)).all()
     (per_run, per_step, accuracy, _reasons, trajectory, finals, step_errors, extensions,
-     warm_started, cost) = results  # fmt: skip
+     warm_started, cost, genealogy) = results  # fmt: skip
     assert len(per_run) == 2 and all(row[1] == 4 * 4 for row in per_run)
     assert len(per_step) == 2 * 5
     assert [r[:2] for r in per_step] == [r[:2] for r in expected]
@@ -71,5 +71,6 @@ def test_readme_queries_run(backend, sqlite_url, pg_url):
     assert len(finals) == 2 * 2 * 2
     assert step_errors == []  # nothing failed in this sweep
     assert extensions == [] and warm_started == []  # see tests/test_extend.py for both
+    assert genealogy == []  # no SMC run here; see tests/test_smc.py
     assert all(x is not None and x >= 0 for r in trajectory for x in r[6:9])  # cost columns
     assert len(cost) == 2 and all(row[1] == 2 * 2 * 5 and row[2] > 0 for row in cost)

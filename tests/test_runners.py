@@ -178,6 +178,44 @@ def _snapshot(runner: Any, sweep: str) -> dict[str, Any]:
     }
 
 
+def test_smc_takes_effect_alike_on_both_runners(
+    servers: Any, celery_runner: CeleryRunner, tmp_path: Path
+) -> None:
+    """method: smc: `qalign run` and a worker store the same blocks, weights, barriers and
+    ancestry (the barriers' wake-ups go through each runner's dispatcher)."""
+    from sqlalchemy import select
+
+    from qalign.storage.models import SmcAncestry, SmcResample
+
+    g, r = servers
+    local = LocalRunner(f"sqlite:///{tmp_path / 'local.sqlite'}", tmp_path)
+    celery_runner.tmp = tmp_path
+    views = []
+    for run in (local, celery_runner):
+        name = unique(run, "smc")
+        cfg = sweep_config(name, g.url, r.url, prompts=3, beta=0.5, chains=4, max_new_tokens=4)
+        cfg.pop("steps")
+        cfg.update(method="smc", smc={"block_tokens": 1, "ess_threshold": 0.7})
+        assert run.run(cfg).returncode == 0
+        rows = proposals(run, name)
+        keys = {c.id: c.rng_key for _, c, _ in rows}
+        with run.sessions() as s:
+            anc = sorted((keys[a.chain_id], a.block, keys[a.parent_chain_id], a.log_weight)
+                         for a in s.execute(select(SmcAncestry)).scalars()
+                         if a.chain_id in keys)  # fmt: skip
+            runs = {run_id for _, _, run_obj in rows for run_id in (run_obj.id,)}
+            barriers = sorted((b.block, b.particles, b.resampled, b.u)
+                              for b in s.execute(select(SmcResample)).scalars()
+                              if b.run_id in runs)  # fmt: skip
+        stored = sorted((c.rng_key, p.step, p.cut, tuple(p.new_tokens), p.reward, p.log_weight)
+                        for p, c, _ in rows)  # fmt: skip
+        views.append((stored, anc, barriers, {c.status for _, c, _ in rows}))
+    assert views[0] == views[1]
+    stored, anc, barriers, statuses = views[0]
+    assert statuses == {"done"} and len(stored) == 3 * 4 * 4
+    assert len(barriers) == 3 * 3 and len(anc) == 3 * 4 * 3
+
+
 def test_both_runners_meet_the_same_faults_with_the_same_records(
     servers: Any, celery_runner: CeleryRunner, tmp_path: Path
 ) -> None:
@@ -613,6 +651,7 @@ COVERED = {
     "max_new_tokens": "test_runners.py::test_sampling_keys_take_effect",
     "max_prompt_length": "test_runners.py::test_prompt_and_vocabulary_limits_take_effect",
     "stop_when": "test_runners.py::test_stop_when_takes_effect_alike_on_both_runners",
+    "smc": "test_smc.py::test_smc_runs_have_one_step_per_block_and_store_their_settings",
     "warm_start": "test_extend.py::"
     + "test_warm_start_begins_each_chain_at_the_source_chains_final_state",
     "execution.concurrency": "test_runners.py::test_concurrency_takes_effect",

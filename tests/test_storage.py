@@ -647,6 +647,7 @@ def _step_params(chain_id: int, step: int, tokens: tuple[int, ...], **kw: Any) -
         "generator_seconds": 0.125,
         "reward_seconds": 0.0,
         "queue_seconds": 2.5,
+        "log_weight": None,  # set by SMC blocks only
     }
     values.update(kw)
     return values

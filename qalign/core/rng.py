@@ -21,6 +21,7 @@ class Purpose(StrEnum):
     INDEX = "index"
     ACCEPT = "accept"
     GENERATE = "generate"
+    RESAMPLE = "resample"  # SMC: one draw per (prompt, block), see core.smc
 
 
 def _digest(seed: int, chain: str | int, step: int, purpose: Purpose) -> int:

@@ -73,6 +73,7 @@ class StepRecord:
     # detokenizing) and the reward scoring (0 when the process's reward cache answered).
     generator_s: float = 0.0
     reward_s: float = 0.0
+    log_weight: float | None = None  # SMC: the particle's log weight after this block
 
     @property
     def accepted(self) -> bool:

@@ -36,6 +36,7 @@ from qalign.clients.registry import ClientRegistry
 from qalign.clients.spec import GeneratorSpec, RewardSpec
 from qalign.core import State
 from qalign.core.stopping import StopRule, state_traces, verdict
+from qalign.sampling.smc import Start, smc_block
 from qalign.sampling.step import (
     ChainSpec,
     StepRecord,
@@ -46,6 +47,8 @@ from qalign.sampling.step import (
 )
 from qalign.steps.metrics import DATABASE_UNAVAILABLE, StepMetrics
 from qalign.steps.outcome import Outcome, Result
+from qalign.steps.smc import barrier as smc_barrier
+from qalign.steps.smc import released_by_failure as smc_released
 from qalign.steps.spec import RunSpec
 from qalign.storage import repo
 from qalign.storage.errors import (
@@ -184,6 +187,7 @@ def step_params(
         "generator_seconds": rec.generator_s,
         "reward_seconds": rec.reward_s,
         "queue_seconds": queue_s,
+        "log_weight": rec.log_weight,
     }
 
 
@@ -200,6 +204,7 @@ class _Loaded:
     spec: RunSpec
     messages: list[dict[str, Any]]
     prompt_ids: list[int] | None
+    smc_start: Start | None = None  # SMC: where the particle starts this block (after block 0)
 
 
 class StepService:
@@ -305,6 +310,18 @@ class StepService:
         if (early := self._precheck(chain, step, spec)) is not None:
             return early
         wake: tuple[tuple[int, int], ...] = ()
+        if spec.smc is not None and 0 < step <= chain.target_steps:
+            try:
+                gate, start, wake = await self.db(
+                    smc_barrier, self.sessions, chain, step - 1, spec.smc.ess_threshold
+                )
+            except Exception as exc:
+                if _database_error(exc):
+                    return self._database_trouble(chain_id, step, exc)
+                raise
+            if gate is not None:
+                return gate
+            loaded = dataclasses.replace(loaded, smc_start=start)
         rule = spec.stop_when
         if rule is not None and 0 < step <= chain.target_steps and rule.is_checkpoint(step - 1):
             try:
@@ -504,6 +521,10 @@ class StepService:
             kernel=spec.kernel,
             sampling=spec.sampling,
         )
+        if spec.smc is not None and rm is not None:
+            return await smc_block(
+                chain_spec, loaded.smc_start, step, spec.smc.block_tokens, gen, rm
+            )
         if step == 0:
             return await initial_step(chain_spec, gen, rm)
         if chain.state is None or rm is None:
@@ -527,6 +548,8 @@ class StepService:
             )
             if status == ChainStatus.FAILED.value and spec.stop_when is not None:
                 wake = await self.db(self._released_by_failure, chain, spec.stop_when)
+            elif status == ChainStatus.FAILED.value and spec.smc is not None:
+                wake = await self.db(smc_released, self.sessions, chain)
         except Exception as db_exc:
             if _database_error(db_exc):
                 return self._database_trouble(chain.chain_id, step, db_exc)

@@ -38,6 +38,20 @@ class ExecutionSpec:
 
 
 @dataclass(frozen=True)
+class SmcSpec:
+    """An SMC run's particle settings (the sweep's `smc` section); particles are its chains."""
+
+    block_tokens: int
+    ess_threshold: float = 0.5  # resample when ESS < ess_threshold x particles
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None) -> SmcSpec | None:
+        if not cfg:
+            return None
+        return cls(int(cfg["block_tokens"]), float(cfg.get("ess_threshold", 0.5)))
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """One grid point of a sweep: everything its chains need to take steps."""
 
@@ -57,12 +71,13 @@ class RunSpec:
     reward: RewardSpec | None
     execution: ExecutionSpec = ExecutionSpec()
     stop_when: StopRule | None = None  # retire a prompt's chains once they converged
+    smc: SmcSpec | None = None  # `method: smc` only
     kernel: KernelConfig = field(init=False, repr=False, compare=False)
     sampling: SamplingParams = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         kernel = kernel_config(
-            self.method,
+            "qalign" if self.method == "smc" else self.method,  # SMC targets QAlign's law
             beta=self.beta,
             max_new_tokens=self.max_new_tokens,
             index=self.index,
@@ -100,6 +115,7 @@ class RunSpec:
             reward=RewardSpec.from_config(reward) if reward else None,
             execution=ExecutionSpec.from_config(cfg.get("execution")),
             stop_when=StopRule.from_config(cfg.get("stop_when")),
+            smc=SmcSpec.from_config(cfg.get("smc")),
         )
 
     def to_config(self) -> dict[str, Any]:
@@ -141,4 +157,7 @@ class RunSpec:
         }
         if self.stop_when is not None:  # absent otherwise: runs.config as before the key
             out["stop_when"] = self.stop_when.to_config()
+        if self.smc is not None:
+            out["smc"] = {"block_tokens": self.smc.block_tokens,
+                          "ess_threshold": self.smc.ess_threshold}  # fmt: skip
         return out

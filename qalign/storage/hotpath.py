@@ -40,7 +40,7 @@ _PROPOSAL_COLUMNS = (
     "chain_id", "run_id", "step", "cut", "new_tokens", "response_len", "text", "reward",
     "log_a", "alpha", "accepted", "finish", "reject_reason", "gen_seed", "gen_tokens",
     "reward_tokens", "gen_latency_ms", "reward_latency_ms", "endpoint", "worker", "created_at",
-    "reward_terms", "generator_seconds", "reward_seconds", "queue_seconds",
+    "reward_terms", "generator_seconds", "reward_seconds", "queue_seconds", "log_weight",
 )  # fmt: skip
 _JSON_PARAMS = ("new_tokens", "state_tokens", "state_logprobs", "reward_terms")
 _UPDATE_SQL = (

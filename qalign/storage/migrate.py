@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 # The newest revision in migrations/versions (a test checks it against Alembic's own head).
 # Knowing it without importing Alembic keeps the check every command makes cheap: importing
 # Alembic costs more CPU than a `qalign sweep status` query.
-HEAD = "0007_latency"
+HEAD = "0008_smc"
 
 # The tables of the first revision (0001_initial), in creation order. Only these can exist without
 # a version row on a SQLite file left by an interrupted migration of an older qalign: its later

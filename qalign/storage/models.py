@@ -216,6 +216,9 @@ class Proposal(Base):
     generator_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     reward_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     queue_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # SMC runs: the particle's log weight after this block (NULL for other methods, and for a
+    # particle whose weight is zero: a non-finite reward)
+    log_weight: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class StepError(Base):
@@ -268,6 +271,53 @@ class Answer(Base):
     checked_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+class SmcResample(Base):
+    """Append-only: the resampling barrier of one prompt of an SMC run after block `block`.
+
+    Its primary key is the barrier's compare-and-set: the first particle to insert it resamples
+    (and writes the `smc_ancestry` rows in the same transaction); every other one reads it.
+    """
+
+    __tablename__ = "smc_resamples"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(
+        ForeignKey("prompts.id", ondelete="CASCADE"), primary_key=True
+    )
+    block: Mapped[int] = mapped_column(Integer, primary_key=True)
+    particles: Mapped[int] = mapped_column(Integer)  # the live particles resampled
+    ess: Mapped[float] = mapped_column(Float)  # before resampling
+    resampled: Mapped[bool] = mapped_column(Boolean)  # False: ESS was over the threshold
+    u: Mapped[float] = mapped_column(Float)  # the systematic-resampling uniform
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class SmcAncestry(Base):
+    """Append-only: particle `chain_id` starts block `block` from `parent_chain_id`'s state
+    after block `block` - 1, with log weight `log_weight` (NULL: zero weight).
+
+    The state is copied here because the parent moves on; genealogies are recursive queries
+    over (chain_id, block) -> (parent_chain_id, block - 1), see the README.
+    """
+
+    __tablename__ = "smc_ancestry"
+    __table_args__ = (Index("ix_smc_ancestry_run_id_prompt_id_block", "run_id", "prompt_id",
+                            "block"),)  # fmt: skip
+
+    chain_id: Mapped[int] = mapped_column(
+        ForeignKey("chains.id", ondelete="CASCADE"), primary_key=True
+    )
+    block: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"))
+    parent_chain_id: Mapped[int] = mapped_column(ForeignKey("chains.id", ondelete="CASCADE"))
+    log_weight: Mapped[float | None] = mapped_column(Float, nullable=True)
+    state_tokens: Mapped[list[Any]] = mapped_column(JSON)
+    state_reward: Mapped[float | None] = mapped_column(Float, nullable=True)
+    state_finish: Mapped[str] = mapped_column(String(10))
+    state_text: Mapped[str] = mapped_column(Text)
+
+
 __all__ = [
     "Answer",
     "Base",
@@ -277,6 +327,8 @@ __all__ = [
     "PromptEncoding",
     "Proposal",
     "Run",
+    "SmcAncestry",
+    "SmcResample",
     "StepError",
     "Sweep",
     "SweepExtension",

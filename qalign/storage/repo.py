@@ -521,7 +521,7 @@ STEP_PARAMS = (
     "log_a", "alpha", "accepted", "finish", "reject_reason", "gen_seed", "reward_tokens",
     "gen_latency_ms", "reward_latency_ms", "endpoint", "worker", "state_tokens",
     "state_logprobs", "state_reward", "state_finish", "state_text", "reward_terms",
-    "generator_seconds", "reward_seconds", "queue_seconds",
+    "generator_seconds", "reward_seconds", "queue_seconds", "log_weight",
 )  # fmt: skip
 
 
@@ -545,6 +545,8 @@ def commit_step(sessions: Sessions, params: dict[str, Any]) -> bool:
     p["text"] = _text(p["text"])
     p["reward"] = _finite_or_none(p["reward"])
     p["log_a"] = _finite_or_none(p["log_a"])
+    if p["log_weight"] is not None and not math.isfinite(p["log_weight"]):
+        p["log_weight"] = None  # a dead particle: NULL reads as zero weight
     p["state_tokens"] = list(p["state_tokens"])
     p["state_logprobs"] = _json_logprobs(p["state_logprobs"])
     p["state_reward"] = _finite_or_none(p["state_reward"])
