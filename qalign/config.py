@@ -1,7 +1,7 @@
 """Sweep configuration (YAML): validated completely before anything is written.
 
-A sweep config names the servers, the dataset and the method, and lists grid axes (beta,
-temperature, steps, generator model); every combination becomes one run.
+A sweep config names the servers, the dataset and the method, and lists grid axes (beta, or
+alpha for power sampling, temperature, steps, generator model); every combination becomes one run.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_ALIAS_VALUES = 100_000
 FINITE_KEYS = (
     "beta",
+    "alpha",
     "temperature",
     "clamp",
     "generator.timeout",
@@ -273,18 +274,22 @@ class StopWhenConfig(_Strict):
 
 
 class SweepConfig(_Strict):
-    """A whole sweep. Grid axes (`beta`, `temperature`, `steps`, `generator.model`) take a value
-    or a list of values; every combination is one run."""
+    """A whole sweep. Grid axes (`beta` or, for `power`, `alpha`; `temperature`, `steps`,
+    `generator.model`) take a value or a list of values; every combination is one run."""
 
     # The length is checked by `check_limits` (one line naming the limit), not here.
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.:\-]+$")]
-    method: Literal["qalign", "quest", "ancestral"] = "qalign"
+    method: Literal["qalign", "quest", "power", "ancestral"] = "qalign"
     generator: GeneratorConfig
     reward: RewardConfig | None = None
     dataset: DatasetConfig
     beta: Annotated[
         list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Field(min_length=1)
     ] = [1.0]
+    alpha: (
+        Annotated[list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Field(min_length=1)]
+        | None
+    ) = None
     temperature: Annotated[
         list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Field(min_length=1)
     ] = [1.0]
@@ -299,7 +304,7 @@ class SweepConfig(_Strict):
     warm_start: WarmStartConfig | None = None
     stop_when: StopWhenConfig | None = None
 
-    _grid = field_validator("beta", "temperature", "steps", mode="before")(_as_list)
+    _grid = field_validator("beta", "alpha", "temperature", "steps", mode="before")(_as_list)
 
     @field_validator("index")
     @classmethod
@@ -311,6 +316,10 @@ class SweepConfig(_Strict):
     def _method_needs(self) -> SweepConfig:
         if self.method in ("qalign", "quest") and self.reward is None:
             raise ValueError(f"method {self.method!r} needs a `reward` section")
+        if self.method == "power":
+            self._power_needs()
+        elif self.alpha is not None:
+            raise ValueError("`alpha` is power sampling's exponent: use it with `method: power`")
         if self.method == "ancestral" and self.steps not in (None, [0]):
             raise ValueError("ancestral runs take no `steps`; set `chains_per_prompt` to n samples")
         if self.warm_start is not None:
@@ -319,6 +328,10 @@ class SweepConfig(_Strict):
             if self.warm_start.sweep == self.name:
                 raise ValueError("warm_start.sweep names this sweep itself")
         if self.stop_when is not None:
+            if self.method == "power":
+                raise ValueError(
+                    "stop_when diagnoses the chains' state rewards and power chains have none"
+                )
             if self.method == "ancestral":
                 raise ValueError("stop_when is for qalign and quest chains, not ancestral samples")
             if self.chains_per_prompt < 2:
@@ -328,9 +341,29 @@ class SweepConfig(_Strict):
                 )
         return self
 
+    def _power_needs(self) -> None:
+        if self.alpha is None:
+            raise ValueError("method 'power' needs `alpha` (the exponent of p_LM, > 0)")
+        if self.reward is not None:
+            raise ValueError(
+                "method 'power' samples p_LM^alpha and uses no reward model; remove the `reward` "
+                "section (score the states afterwards with `qalign score`)"
+            )
+        if "beta" in self.model_fields_set:
+            raise ValueError("method 'power' has no `beta`: its strength is `alpha`")
+        if self.temperature != [1.0]:
+            raise ValueError(
+                "method 'power' proposes at temperature 1 (its ratio needs the log-probs of the "
+                "distribution proposed from, and those of p_LM, and a server reports one kind); "
+                "sharpen with `alpha` instead of `temperature`"
+            )
+
     def grid_axes(self) -> tuple[list[Any], ...]:
-        """The grid's axes (beta, temperature, steps, model); each run is a point of the product."""
+        """The grid's axes (beta, or alpha for `power`; temperature, steps, model); each run is a
+        point of the product."""
         betas: list[float | None] = [None] if self.method == "ancestral" else list(self.beta)
+        if self.method == "power" and self.alpha is not None:
+            betas = list(self.alpha)
         step_axis = [0] if self.method == "ancestral" else (self.steps or [DEFAULT_STEPS])
         return betas, list(self.temperature), list(step_axis), list(self.generator.model)
 
@@ -340,11 +373,13 @@ class SweepConfig(_Strict):
         execution = ExecutionSpec(**self.execution.model_dump())
         reward = RewardSpec.from_config(self.reward.model_dump()) if self.reward else None
         out = []
-        for i, (beta, temp, steps, model) in enumerate(axes):
+        power = self.method == "power"
+        for i, (strength, temp, steps, model) in enumerate(axes):
             parts = [f"model={model}", f"T={temp:g}"]
-            if beta is not None:
-                parts.insert(1, f"beta={beta:g}")
+            if strength is not None:
+                parts.insert(1, f"{'alpha' if power else 'beta'}={strength:g}")
                 parts.append(f"steps={steps}")
+            beta, alpha = (None, strength) if power else (strength, None)
             out.append(
                 RunSpec(
                     grid_index=i,
@@ -365,6 +400,7 @@ class SweepConfig(_Strict):
                     reward=reward,
                     execution=execution,
                     stop_when=self.stop_when.rule() if self.stop_when else None,
+                    alpha=alpha,
                 )
             )
         return out
@@ -393,7 +429,7 @@ class SweepConfig(_Strict):
             mode="json",
             exclude={"execution": True, "generator": transport, "reward": reward_exclude},
         )
-        for key in ("warm_start", "stop_when"):
+        for key in ("warm_start", "stop_when", "alpha"):
             if data.get(key) is None:
                 del data[key]  # sweeps from before the key keep their fingerprint
         if self.reward is not None and not self.reward.terms:

@@ -57,6 +57,7 @@ class RunSpec:
     reward: RewardSpec | None
     execution: ExecutionSpec = ExecutionSpec()
     stop_when: StopRule | None = None  # retire a prompt's chains once they converged
+    alpha: float | None = None  # power sampling's exponent (method `power` only)
     kernel: KernelConfig = field(init=False, repr=False, compare=False)
     sampling: SamplingParams = field(init=False, repr=False, compare=False)
 
@@ -67,6 +68,7 @@ class RunSpec:
             max_new_tokens=self.max_new_tokens,
             index=self.index,
             clamp=self.clamp,
+            alpha=self.alpha,
         )
         object.__setattr__(self, "kernel", kernel)
         object.__setattr__(self, "sampling", SamplingParams(temperature=self.temperature))
@@ -100,6 +102,7 @@ class RunSpec:
             reward=RewardSpec.from_config(reward) if reward else None,
             execution=ExecutionSpec.from_config(cfg.get("execution")),
             stop_when=StopRule.from_config(cfg.get("stop_when")),
+            alpha=None if cfg.get("alpha") is None else float(cfg["alpha"]),
         )
 
     def to_config(self) -> dict[str, Any]:
@@ -141,4 +144,6 @@ class RunSpec:
         }
         if self.stop_when is not None:  # absent otherwise: runs.config as before the key
             out["stop_when"] = self.stop_when.to_config()
+        if self.alpha is not None:  # absent otherwise, likewise
+            out["alpha"] = self.alpha
         return out
