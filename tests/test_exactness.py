@@ -14,9 +14,9 @@ import math
 import pytest
 
 import qalign.core.kernel as kernel_module
+from qalign.clients.base import SamplingParams
 from qalign.core import Block, KernelConfig, LastBlock, Method, Uniform, Zero
 from qalign.sampling.local import run_chains
-from qalign.clients.base import SamplingParams
 from qalign.sampling.step import ChainSpec, ancestral_spec, initial_step
 from qalign.toy.exact import (
     empirical,
