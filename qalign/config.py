@@ -1,7 +1,7 @@
 """Sweep configuration (YAML): validated completely before anything is written.
 
-A sweep config names the servers, the dataset and the method, and lists grid axes (beta,
-temperature, steps, generator model); every combination becomes one run.
+A sweep config names the servers, the dataset and the method, and lists grid axes (beta, or
+alpha for power sampling, temperature, steps, generator model); every combination becomes one run.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_ALIAS_VALUES = 100_000
 FINITE_KEYS = (
     "beta",
+    "alpha",
     "temperature",
     "clamp",
     "generator.timeout",
@@ -282,18 +283,22 @@ class SmcConfig(_Strict):
 
 
 class SweepConfig(_Strict):
-    """A whole sweep. Grid axes (`beta`, `temperature`, `steps`, `generator.model`) take a value
-    or a list of values; every combination is one run."""
+    """A whole sweep. Grid axes (`beta` or, for `power`, `alpha`; `temperature`, `steps`,
+    `generator.model`) take a value or a list of values; every combination is one run."""
 
     # The length is checked by `check_limits` (one line naming the limit), not here.
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.:\-]+$")]
-    method: Literal["qalign", "quest", "ancestral", "smc"] = "qalign"
+    method: Literal["qalign", "quest", "power", "ancestral", "smc"] = "qalign"
     generator: GeneratorConfig
     reward: RewardConfig | None = None
     dataset: DatasetConfig
     beta: Annotated[
         list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Field(min_length=1)
     ] = [1.0]
+    alpha: (
+        Annotated[list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Field(min_length=1)]
+        | None
+    ) = None
     temperature: Annotated[
         list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Field(min_length=1)
     ] = [1.0]
@@ -309,7 +314,7 @@ class SweepConfig(_Strict):
     stop_when: StopWhenConfig | None = None
     smc: SmcConfig | None = None
 
-    _grid = field_validator("beta", "temperature", "steps", mode="before")(_as_list)
+    _grid = field_validator("beta", "alpha", "temperature", "steps", mode="before")(_as_list)
 
     @field_validator("index")
     @classmethod
@@ -325,6 +330,10 @@ class SweepConfig(_Strict):
             raise ValueError("the `smc` section is for `method: smc`")
         if self.method in ("qalign", "quest", "smc") and self.reward is None:
             raise ValueError(f"method {self.method!r} needs a `reward` section")
+        if self.method == "power":
+            self._power_needs()
+        elif self.alpha is not None:
+            raise ValueError("`alpha` is power sampling's exponent: use it with `method: power`")
         if self.method == "ancestral" and self.steps not in (None, [0]):
             raise ValueError("ancestral runs take no `steps`; set `chains_per_prompt` to n samples")
         if self.warm_start is not None:
@@ -333,6 +342,10 @@ class SweepConfig(_Strict):
             if self.warm_start.sweep == self.name:
                 raise ValueError("warm_start.sweep names this sweep itself")
         if self.stop_when is not None:
+            if self.method == "power":
+                raise ValueError(
+                    "stop_when diagnoses the chains' state rewards and power chains have none"
+                )
             if self.method == "ancestral":
                 raise ValueError("stop_when is for qalign and quest chains, not ancestral samples")
             if self.chains_per_prompt < 2:
@@ -342,9 +355,29 @@ class SweepConfig(_Strict):
                 )
         return self
 
+    def _power_needs(self) -> None:
+        if self.alpha is None:
+            raise ValueError("method 'power' needs `alpha` (the exponent of p_LM, > 0)")
+        if self.reward is not None:
+            raise ValueError(
+                "method 'power' samples p_LM^alpha and uses no reward model; remove the `reward` "
+                "section (score the states afterwards with `qalign score`)"
+            )
+        if "beta" in self.model_fields_set:
+            raise ValueError("method 'power' has no `beta`: its strength is `alpha`")
+        if self.temperature != [1.0]:
+            raise ValueError(
+                "method 'power' proposes at temperature 1 (its ratio needs the log-probs of the "
+                "distribution proposed from, and those of p_LM, and a server reports one kind); "
+                "sharpen with `alpha` instead of `temperature`"
+            )
+
     def grid_axes(self) -> tuple[list[Any], ...]:
-        """The grid's axes (beta, temperature, steps, model); each run is a point of the product."""
+        """The grid's axes (beta, or alpha for `power`; temperature, steps, model); each run is a
+        point of the product."""
         betas: list[float | None] = [None] if self.method == "ancestral" else list(self.beta)
+        if self.method == "power" and self.alpha is not None:
+            betas = list(self.alpha)
         step_axis = [0] if self.method == "ancestral" else (self.steps or [DEFAULT_STEPS])
         if self.method == "smc" and self.smc is not None:
             step_axis = [block_count(self.max_new_tokens, self.smc.block_tokens) - 1]
@@ -356,11 +389,13 @@ class SweepConfig(_Strict):
         execution = ExecutionSpec(**self.execution.model_dump())
         reward = RewardSpec.from_config(self.reward.model_dump()) if self.reward else None
         out = []
-        for i, (beta, temp, steps, model) in enumerate(axes):
+        power = self.method == "power"
+        for i, (strength, temp, steps, model) in enumerate(axes):
             parts = [f"model={model}", f"T={temp:g}"]
-            if beta is not None:
-                parts.insert(1, f"beta={beta:g}")
+            if strength is not None:
+                parts.insert(1, f"{'alpha' if power else 'beta'}={strength:g}")
                 parts.append(f"steps={steps}")
+            beta, alpha = (None, strength) if power else (strength, None)
             out.append(
                 RunSpec(
                     grid_index=i,
@@ -382,6 +417,7 @@ class SweepConfig(_Strict):
                     execution=execution,
                     stop_when=self.stop_when.rule() if self.stop_when else None,
                     smc=SmcSpec(**self.smc.model_dump()) if self.smc else None,
+                    alpha=alpha,
                 )
             )
         return out
@@ -410,7 +446,7 @@ class SweepConfig(_Strict):
             mode="json",
             exclude={"execution": True, "generator": transport, "reward": reward_exclude},
         )
-        for key in ("warm_start", "stop_when", "smc"):
+        for key in ("warm_start", "stop_when", "smc", "alpha"):
             if data.get(key) is None:
                 del data[key]  # sweeps from before the key keep their fingerprint
         if self.reward is not None and not self.reward.terms:

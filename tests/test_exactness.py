@@ -13,7 +13,9 @@ import math
 
 import pytest
 
-from qalign.core import Block, KernelConfig, Method, Uniform, Zero
+import qalign.core.kernel as kernel_module
+from qalign.clients.base import SamplingParams
+from qalign.core import Block, KernelConfig, LastBlock, Method, Uniform, Zero
 from qalign.sampling.local import run_chains
 from qalign.sampling.step import ChainSpec, ancestral_spec, initial_step
 from qalign.toy.exact import (
@@ -34,7 +36,7 @@ PROMPT = tuple(MODEL.chat_ids(MESSAGES, add_generation_prompt=True))
 
 @pytest.mark.parametrize("method", [Method.QALIGN, Method.QUEST])
 @pytest.mark.parametrize("beta", [0.25, 1.0, 4.0])
-@pytest.mark.parametrize("index", [Uniform(), Block(2), Zero()], ids=lambda d: d.name)
+@pytest.mark.parametrize("index", [Uniform(), Block(2), LastBlock(2), Zero()], ids=lambda d: d.name)
 def test_target_is_stationary_under_the_kernel(method, beta, index):
     cfg = KernelConfig(beta=beta, max_new_tokens=MAX_NEW, method=method, index=index)
     matrix = transition_matrix(MODEL, cfg)
@@ -131,3 +133,97 @@ def test_ancestral_samples_match_the_lm():
     lm = MODEL.lm_distribution(MAX_NEW)
     assert total_variation(empirical([r.state.tokens for r in records]), lm) < tv_bound(lm, n)
     assert all(math.isnan(r.state.reward) for r in records)
+
+
+# ---- power sampling: pi ∝ p_LM^alpha, no reward --------------------------------------------
+
+INDEXES = [Uniform(), Block(2), LastBlock(2), LastBlock(3), Zero()]
+
+
+def _power(alpha, index=None):
+    return KernelConfig(
+        beta=1.0, max_new_tokens=MAX_NEW, method=Method.POWER, index=index or Uniform(), alpha=alpha
+    )
+
+
+@pytest.mark.parametrize("alpha", [0.5, 2.0, 4.0])
+@pytest.mark.parametrize("index", INDEXES, ids=lambda d: f"{d.name}{getattr(d, 'size', '')}")
+def test_power_target_is_stationary_under_the_kernel(alpha, index):
+    cfg = _power(alpha, index)
+    matrix = transition_matrix(MODEL, cfg)
+    for row in matrix.values():
+        assert math.fsum(row.values()) == pytest.approx(1.0, abs=1e-12)
+    target = MODEL.target(1.0, MAX_NEW, "power", alpha=alpha)
+    lm = MODEL.lm_distribution(MAX_NEW)
+    assert target[(EOS,)] == pytest.approx(  # the enumerated law is p^alpha, normalised
+        lm[(EOS,)] ** alpha / math.fsum(p**alpha for p in lm.values()), rel=1e-12
+    )
+    for y, row in matrix.items():  # detailed balance, pair by pair
+        for y2, p in row.items():
+            assert target[y] * p == pytest.approx(target[y2] * matrix[y2].get(y, 0.0), abs=1e-15)
+    # ergodic: the law from the LM converges to p^alpha (so the last-block window must slide)
+    assert total_variation(step_distribution(lm, matrix, 400), target) < 1e-3
+
+
+def test_last_block_moves_that_leave_the_window_are_rejected():
+    index = LastBlock(2)
+    assert [index.log_prob(i, 3) for i in range(3)] == [-math.inf, -math.log(2), -math.log(2)]
+    matrix = transition_matrix(MODEL, _power(2.0, index))
+    w = MODEL.word_ids
+    # from (w, EOS) the cut may be 0: a 3-token proposal's window {1, 2} lacks it, so no move
+    assert matrix[(w[0], EOS)].get((w[1], w[2], EOS), 0.0) == 0.0
+    assert matrix[(w[0], EOS)].get((w[1], EOS), 0.0) > 0.0
+
+
+@pytest.mark.parametrize(
+    ("alpha", "index", "k"),
+    [(0.5, Uniform(), 30), (2.0, Uniform(), 30), (0.5, LastBlock(2), 60), (2.0, LastBlock(2), 60)],
+    ids=["uniform-0.5", "uniform-2", "last_block-0.5", "last_block-2"],
+)
+def test_power_chains_match_the_exact_k_step_law_and_approach_p_to_the_alpha(alpha, index, k):
+    n = 3000
+    cfg = _power(alpha, index)
+    runs = asyncio.run(run_chains(_specs(n, cfg, "p"), k, ToyGenerator(MODEL), None))
+    assert all(math.isnan(r.state.reward) for records in runs for r in records)
+    final = empirical([r[-1].state.tokens for r in runs])
+    exact_k = step_distribution(MODEL.lm_distribution(MAX_NEW), transition_matrix(MODEL, cfg), k)
+    assert total_variation(final, exact_k) < tv_bound(exact_k, n)
+    target = MODEL.target(1.0, MAX_NEW, "power", alpha=alpha)
+    assert total_variation(exact_k, target) < 0.05
+    assert total_variation(final, target) < tv_bound(target, n) + total_variation(exact_k, target)
+
+
+def _wrong_without_the_proposal_term(cfg, plan, current, proposal):
+    """alpha·Δ log p alone: the target's ratio without the reverse/forward proposal densities."""
+    i = plan.cut
+    log_a = cfg.index.log_prob(i, len(proposal)) - cfg.index.log_prob(i, len(current))
+    return log_a + cfg.alpha * (proposal.suffix_logprob(i) - current.suffix_logprob(i))
+
+
+@pytest.mark.parametrize("wrong", ["alpha_ignored", "proposal_term_dropped"])
+def test_a_wrong_power_acceptance_fails_the_same_check(wrong, monkeypatch):
+    """The check above has the power to see a wrong ratio: chains run with one miss the law."""
+    n, k, alpha = 3000, 30, 2.0
+    cfg = _power(alpha)
+    exact_k = step_distribution(MODEL.lm_distribution(MAX_NEW), transition_matrix(MODEL, cfg), k)
+    run_cfg = cfg
+    if wrong == "alpha_ignored":
+        run_cfg = _power(1.0)  # the ratio of alpha = 1: the chain stays at p_LM
+    else:
+        monkeypatch.setattr(kernel_module, "log_acceptance", _wrong_without_the_proposal_term)
+    runs = asyncio.run(run_chains(_specs(n, run_cfg, "w"), k, ToyGenerator(MODEL), None))
+    final = empirical([r[-1].state.tokens for r in runs])
+    assert total_variation(final, exact_k) > 2 * tv_bound(exact_k, n)
+
+
+def test_a_tempered_proposal_does_not_sample_p_to_the_alpha():
+    """Why power chains refuse a temperature: with the tempered log-probs (what a server
+    samples from) the ratio targets p_T^alpha, and with raw ones it is not even that."""
+    cfg = _power(2.0)
+    target = MODEL.target(1.0, MAX_NEW, "power", alpha=2.0)
+    lm = MODEL.lm_distribution(MAX_NEW, 0.7)
+    tempered = step_distribution(lm, transition_matrix(MODEL, cfg, 0.7), 400)
+    assert total_variation(tempered, target) > 0.05
+    spec = _specs(1, cfg)[0]
+    with pytest.raises(ValueError, match="temperature 1"):
+        ChainSpec(spec.key, spec.seed, PROMPT, MESSAGES, cfg, SamplingParams(temperature=0.7))

@@ -12,7 +12,7 @@ import asyncio
 import pytest
 
 from qalign.clients import SamplingParams, VLLMGenerator, VLLMReward, close_sessions
-from qalign.core import KernelConfig, Method
+from qalign.core import KernelConfig, Method, kernel_config
 from qalign.sampling.local import run_chains
 from qalign.sampling.step import ChainSpec, ancestral_spec, initial_step
 from qalign.toy.exact import (
@@ -102,3 +102,32 @@ def test_http_ancestral_samples_match_the_lm(toy_urls):
     records = asyncio.run(go())
     lm = MODEL.lm_distribution(MAX_NEW)
     assert total_variation(empirical([r.state.tokens for r in records]), lm) < tv_bound(lm, n)
+
+
+@pytest.mark.parametrize(
+    ("alpha", "index"),
+    [(0.5, "uniform"), (2.0, "uniform"), (2.0, "last_block:2")],
+)
+def test_http_power_chains_match_the_exact_k_step_law(toy_urls, alpha, index):
+    """Power sampling reads the server's per-token logprobs of both suffixes; no reward server."""
+    n, k = 800, 6
+    cfg = kernel_config("power", beta=None, alpha=alpha, max_new_tokens=MAX_NEW, index=index)
+
+    async def go():
+        gen, _ = await _clients(toy_urls)
+        prompt = tuple(await gen.chat_prompt(MESSAGES))
+        specs = [ChainSpec(f"p{i}", 7, prompt, MESSAGES, cfg) for i in range(n)]
+        try:
+            return await run_chains(specs, k, gen, None, concurrency=128)
+        finally:
+            await close_sessions()
+
+    runs = asyncio.run(go())
+    assert all(len(r) == k + 1 for r in runs)
+    assert all(r.state.logprobs is not None for records in runs for r in records)
+    final = empirical([r[-1].state.tokens for r in runs])
+    start = MODEL.lm_distribution(MAX_NEW)
+    exact_k = step_distribution(start, transition_matrix(MODEL, cfg), k)
+    assert total_variation(final, exact_k) < tv_bound(exact_k, n)
+    target = MODEL.target(1.0, MAX_NEW, "power", alpha=alpha)
+    assert total_variation(exact_k, target) < total_variation(start, target)

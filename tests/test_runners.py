@@ -425,6 +425,34 @@ def test_methods_take_effect(runner: Any, servers: Any) -> None:
     assert all(p.reward is not None for p, _, _ in proposals(runner, anc))
 
 
+def test_power_sampling_runs_without_a_reward(runner: Any, servers: Any) -> None:
+    """method: power with an alpha grid: no reward request, proposals stored with reward NULL
+    and a log acceptance, states with their per-token log-probs."""
+    g, r = servers
+    name = unique(runner, "power")
+    cfg = sweep_config(name, g.url, r.url, prompts=1, steps=3, chains=2, index="last_block:2")
+    cfg["method"] = "power"
+    cfg["alpha"] = [0.5, 4.0]
+    del cfg["reward"], cfg["beta"]
+    r.reset_metrics()
+    out = runner.run(cfg)
+    assert out.returncode == 0, out.stderr
+    got = chains(runner, name)
+    assert len(got) == 4 and all(c.status == "done" and c.current_step == 3 for c in got)
+    assert all(c.state_logprobs and len(c.state_logprobs) == len(c.state_tokens) for c in got)
+    rows = proposals(runner, name)
+    assert len(rows) == 4 * 4
+    assert all(p.reward is None for p, _, _ in rows)
+    assert all(p.log_a is not None for p, _, _ in rows if p.reject_reason is None)
+    runs = {run.name: run for _, _, run in rows}
+    assert sorted(runs) == [
+        "model=toy-lm,alpha=0.5,T=1,steps=3", "model=toy-lm,alpha=4,T=1,steps=3"
+    ]  # fmt: skip
+    assert all(run.beta is None and run.config["index"] == "last_block:2" for run in runs.values())
+    assert sorted(run.config["alpha"] for run in runs.values()) == [0.5, 4.0]
+    assert sum(r.metrics()["requests"].values()) == 0
+
+
 def test_backend_and_reward_format_take_effect(runner: Any, servers: Any) -> None:
     """generator.backend and reward.format choose the protocol spoken."""
     g, r = servers
@@ -642,6 +670,7 @@ COVERED = {
     "dataset.answer_field": "test_runners.py::test_dataset_keys_take_effect",
     "dataset.prompts": "test_runners.py::test_sampling_keys_take_effect",
     "beta": "test_runners.py::test_sampling_keys_take_effect",
+    "alpha": "test_runners.py::test_power_sampling_runs_without_a_reward",
     "temperature": "test_runners.py::test_sampling_keys_take_effect",
     "steps": "test_runners.py::test_sampling_keys_take_effect",
     "chains_per_prompt": "test_runners.py::test_sampling_keys_take_effect",

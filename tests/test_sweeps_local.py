@@ -98,6 +98,41 @@ BAD = [
 ]
 
 
+POWER_BAD = [
+    ({}, "needs `alpha`"),
+    ({"alpha": 2.0, "reward": {"urls": ["http://x"], "model": "m"}}, "uses no reward model"),
+    ({"alpha": 2.0, "beta": 1.0}, "has no `beta`"),
+    ({"alpha": [2.0], "temperature": [1.0, 0.7]}, "proposes at temperature 1"),
+    ({"alpha": 0}, "alpha.0: Input should be greater than 0"),
+    ({"alpha": 2.0, "index": "last_block:1"}, "last_block size must be >= 2"),
+    ({"alpha": 2.0, "chains_per_prompt": 2, "stop_when": {"rhat": 1.1, "ess": 10}}, "no"),
+]
+
+
+@pytest.mark.parametrize(("patch", "message"), POWER_BAD)
+def test_bad_power_configs_say_why(patch, message, toy):
+    cfg = sweep_config("badpower", *toy, method="power")
+    del cfg["reward"], cfg["beta"]
+    with pytest.raises(ConfigError, match="badpower") as err:
+        parse_config(cfg | patch, "badpower.yaml")
+    assert message in str(err.value)
+
+
+def test_power_configs_expand_their_alpha_grid(toy):
+    cfg = sweep_config("power", *toy, method="power", alpha=[0.5, 2.0], index="last_block:4")
+    del cfg["reward"], cfg["beta"]
+    runs = parse_config(cfg).runs()
+    assert [(r.alpha, r.beta, r.kernel.alpha) for r in runs] == [(0.5, None, 0.5), (2.0, None, 2.0)]
+    assert [r.name for r in runs] == [
+        "model=toy-lm,alpha=0.5,T=1,steps=10",
+        "model=toy-lm,alpha=2,T=1,steps=10",
+    ]
+    assert type(runs[0]).from_config(runs[0].to_config()) == runs[0]
+    assert not runs[0].kernel.needs_reward and runs[0].kernel.needs_logprobs
+    with pytest.raises(ConfigError, match="use it with `method: power`"):
+        parse_config(sweep_config("qa", *toy, alpha=2.0))
+
+
 @pytest.mark.parametrize(("patch", "message"), BAD)
 def test_bad_configs_name_the_key(patch, message, toy):
     cfg = sweep_config("bad", *toy) | patch
@@ -264,3 +299,9 @@ def test_lockstep_mode_gives_the_same_chains(sqlite_url, tmp_path, toy):
             ).all()  # fmt: skip
         results.append([(r[0], r[1], r[2], tuple(r[3]), r[4]) for r in rows])
     assert results[0] == results[1]
+
+
+def test_sweeps_without_alpha_keep_their_fingerprint():
+    """Pinned from before `alpha` existed: resuming an old sweep must still find it."""
+    cfg = parse_config(sweep_config("qa", "http://a:1", "http://b:2"))
+    assert cfg.fingerprint() == "7139cc4830dca1beb09a10252f12bf6566720f7cbcf704a73e5c128cc4eed2cc"

@@ -4,7 +4,14 @@
 which the sampling path does not.
 """
 
-from qalign.core.index import Block, IndexDistribution, Uniform, Zero, index_distribution
+from qalign.core.index import (
+    Block,
+    IndexDistribution,
+    LastBlock,
+    Uniform,
+    Zero,
+    index_distribution,
+)
 from qalign.core.kernel import (
     Decision,
     KernelConfig,
@@ -29,6 +36,7 @@ __all__ = [
     "Finish",
     "IndexDistribution",
     "KernelConfig",
+    "LastBlock",
     "Method",
     "Purpose",
     "RejectReason",

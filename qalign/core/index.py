@@ -72,6 +72,42 @@ class Block:
 
 
 @dataclass(frozen=True)
+class LastBlock:
+    """Uniform over the last B cut positions {max(0, |y|-B), ..., |y|-1}: moves stay near the end.
+
+    The window slides with the response, so a proposal longer than its cut + B tokens cannot be
+    reversed (its window no longer holds the cut) and is rejected through `log_prob` = -inf; a
+    proposal ending right after the cut moves the window back, which is how earlier tokens get
+    resampled. B = 1 is refused: the response could then never shrink and its first |y|-1
+    tokens would be frozen (the chain would not reach the whole target).
+    """
+
+    size: int
+    name: str = "last_block"
+
+    def __post_init__(self) -> None:
+        if self.size < 2:
+            raise ValueError(
+                f"last_block size must be >= 2 (with 1 every earlier token is frozen), "
+                f"got {self.size}"
+            )
+
+    def _start(self, length: int) -> int:
+        return max(0, _slots(length) - self.size)
+
+    def sample(self, length: int, u: float) -> int:
+        start = self._start(length)
+        n = _slots(length) - start
+        return start + min(int(u * n), n - 1)
+
+    def log_prob(self, index: int, length: int) -> float:
+        start = self._start(length)
+        if not start <= index < _slots(length):
+            return -math.inf
+        return -math.log(_slots(length) - start)
+
+
+@dataclass(frozen=True)
 class Zero:
     """Always cut at 0: independent Metropolis-Hastings with the LM as proposal."""
 
@@ -84,18 +120,24 @@ class Zero:
         return 0.0 if index == 0 else -math.inf
 
 
+def _size(spec: str) -> int:
+    try:
+        return int(spec.split(":", 1)[1])
+    except ValueError:
+        raise ValueError(f"block size in {spec!r} is not an integer") from None
+
+
 def index_distribution(spec: str) -> IndexDistribution:
-    """Parse `uniform`, `independent` or `block:N`."""
+    """Parse `uniform`, `independent`, `block:N` or `last_block:N`."""
     if spec == "uniform":
         return Uniform()
     if spec in ("independent", "zero", "imh"):
         return Zero()
     if spec.startswith("block:"):
-        try:
-            size = int(spec.split(":", 1)[1])
-        except ValueError:
-            raise ValueError(f"block size in {spec!r} is not an integer") from None
-        return Block(size)
+        return Block(_size(spec))
+    if spec.startswith("last_block:"):
+        return LastBlock(_size(spec))
     raise ValueError(
-        f"unknown index distribution {spec!r}; use 'uniform', 'independent' or 'block:N'"
+        f"unknown index distribution {spec!r}; use 'uniform', 'independent', 'block:N' or "
+        "'last_block:N'"
     )

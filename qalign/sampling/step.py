@@ -24,6 +24,7 @@ from qalign.core import (
     Decision,
     Finish,
     KernelConfig,
+    Method,
     State,
     StepPlan,
     check_continuation,
@@ -45,6 +46,14 @@ class ChainSpec:
     kernel: KernelConfig
     sampling: SamplingParams = field(default_factory=SamplingParams)
     track_logprobs: bool = False  # ask for per-token log-probs even when the kernel needs none
+
+    def __post_init__(self) -> None:
+        if self.kernel.method is Method.POWER and self.sampling.temperature != 1.0:
+            # The ratio needs log p per token; a tempered proposal would need p_T's too.
+            raise ValueError(
+                f"power sampling proposes at temperature 1 (got {self.sampling.temperature:g}): "
+                "sharpen with alpha instead (see qalign.core.kernel)"
+            )
 
 
 @dataclass(frozen=True)
@@ -174,12 +183,15 @@ async def _score(spec: ChainSpec, gen: Generator, rm: RewardModel, candidate: St
 
 
 async def initial_step(spec: ChainSpec, gen: Generator, rm: RewardModel | None) -> StepRecord:
-    """Step 0: draw the chain's first state from the LM and score it (unscored: reward NaN)."""
+    """Step 0: draw the chain's first state from the LM and score it (unscored: reward NaN).
+
+    A kernel without a reward (power sampling) never scores, even when given a reward model.
+    """
     plan = plan_initial(spec.kernel, spec.seed, spec.key)
     sampled = await _sample(spec, gen, plan)
     tokens, finish, logprobs = sampled.tokens, sampled.finish, sampled.logprobs
     state = make_proposal(plan, None, tokens, finish, math.nan, logprobs)
-    if rm is None:
+    if rm is None or not spec.kernel.needs_reward:
         text, detok_s = await _detokenize(gen, state.text_tokens)
         scored = _Scored(math.nan, text, 0.0, detokenize_s=detok_s)
     else:
@@ -238,9 +250,14 @@ async def mcmc_step(
     current_text: str,
     step: int,
     gen: Generator,
-    rm: RewardModel,
+    rm: RewardModel | None,
 ) -> StepRecord:
-    """Propose from `current` at step `step` (>= 1), score, and accept or reject."""
+    """Propose from `current` at step `step` (>= 1), score, and accept or reject.
+
+    `rm` may be None only for a kernel without a reward (power sampling), which never scores.
+    """
+    if rm is None and spec.kernel.needs_reward:
+        raise ValueError(f"method {spec.kernel.method.value!r} needs a reward model to step")
     plan = plan_step(spec.kernel, current, spec.seed, spec.key, step)
     sampled = await _sample(spec, gen, plan)
     tokens, finish, logprobs = sampled.tokens, sampled.finish, sampled.logprobs
@@ -249,8 +266,13 @@ async def mcmc_step(
     scored = _Scored(math.nan, "", 0.0)
     if unusable is None:
         unscored = make_proposal(plan, current, tokens, finish, math.nan, logprobs)
-        scored = await _score(spec, gen, rm, unscored)
-        proposal = make_proposal(plan, current, tokens, finish, scored.reward, logprobs)
+        if rm is None or not spec.kernel.needs_reward:
+            text, detok_s = await _detokenize(gen, unscored.text_tokens)
+            scored = _Scored(math.nan, text, 0.0, detokenize_s=detok_s)
+            proposal = unscored
+        else:
+            scored = await _score(spec, gen, rm, unscored)
+            proposal = make_proposal(plan, current, tokens, finish, scored.reward, logprobs)
     text = scored.text
     decision = decide(spec.kernel, plan, current, proposal, unusable)
     accepted = decision.accepted and proposal is not None

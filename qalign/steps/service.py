@@ -527,7 +527,7 @@ class StepService:
             )
         if step == 0:
             return await initial_step(chain_spec, gen, rm)
-        if chain.state is None or rm is None:
+        if chain.state is None or (rm is None and spec.kernel.needs_reward):
             raise RuntimeError(
                 f"chain {chain.chain_id} has no state or reward model before step {step}"
             )

@@ -72,6 +72,7 @@ class RunSpec:
     execution: ExecutionSpec = ExecutionSpec()
     stop_when: StopRule | None = None  # retire a prompt's chains once they converged
     smc: SmcSpec | None = None  # `method: smc` only
+    alpha: float | None = None  # power sampling's exponent (method `power` only)
     kernel: KernelConfig = field(init=False, repr=False, compare=False)
     sampling: SamplingParams = field(init=False, repr=False, compare=False)
 
@@ -82,6 +83,7 @@ class RunSpec:
             max_new_tokens=self.max_new_tokens,
             index=self.index,
             clamp=self.clamp,
+            alpha=self.alpha,
         )
         object.__setattr__(self, "kernel", kernel)
         object.__setattr__(self, "sampling", SamplingParams(temperature=self.temperature))
@@ -116,6 +118,7 @@ class RunSpec:
             execution=ExecutionSpec.from_config(cfg.get("execution")),
             stop_when=StopRule.from_config(cfg.get("stop_when")),
             smc=SmcSpec.from_config(cfg.get("smc")),
+            alpha=None if cfg.get("alpha") is None else float(cfg["alpha"]),
         )
 
     def to_config(self) -> dict[str, Any]:
@@ -160,4 +163,6 @@ class RunSpec:
         if self.smc is not None:
             out["smc"] = {"block_tokens": self.smc.block_tokens,
                           "ess_threshold": self.smc.ess_threshold}  # fmt: skip
+        if self.alpha is not None:  # absent otherwise, likewise
+            out["alpha"] = self.alpha
         return out

@@ -25,6 +25,10 @@ def _finish(y: Response) -> Finish:
 RewardFn = Callable[[Response], float]
 
 
+def _unscored(y: Response) -> float:
+    return math.nan
+
+
 def _state(model: ToyModel, y: Response, temperature: float, reward: RewardFn) -> State:
     lps = tuple(
         math.log(model.next_probs(y[i - 1] if i else None, temperature)[y[i]])
@@ -45,6 +49,9 @@ def transition_matrix(
     """
     ys = model.responses(cfg.max_new_tokens)
     reward_of = model.reward if reward is None else reward
+    if not cfg.needs_reward:
+        # Unscored, as the step function leaves them: the kernel must not look at rewards.
+        reward_of = _unscored
     states = {y: _state(model, y, temperature, reward_of) for y in ys}
     lm_cond = {y: {} for y in ys}  # type: dict[Response, dict[int, float]]
     for y in ys:

@@ -1,4 +1,5 @@
-"""A tiny language model and reward whose QAlign / QUEST targets can be enumerated exactly.
+"""A tiny language model and reward whose QAlign / QUEST / power targets can be enumerated
+exactly.
 
 Token ids: a few specials, a handful of word tokens, and a reversible byte encoding (ids >= 2**20)
 for any other word so that arbitrary prompts tokenize statelessly. The response distribution is a
@@ -238,8 +239,10 @@ class ToyModel:
         method: str = "qalign",
         temperature: float = 1.0,
         reward: Callable[[tuple[int, ...]], float] | None = None,
+        alpha: float | None = None,
     ) -> dict[tuple[int, ...], float]:
-        """Exact target: qalign ∝ p_LM(y) exp(r/beta); quest ∝ exp(r/beta) on the LM's support.
+        """Exact target: qalign ∝ p_LM(y) exp(r/beta); quest ∝ exp(r/beta) on the LM's support;
+        power ∝ p_LM(y)^alpha (`beta` and the reward unused).
 
         `reward` replaces the model's own reward (e.g. a composite of several toy rewards).
         """
@@ -247,6 +250,11 @@ class ToyModel:
         reward_of = self.reward if reward is None else reward
         logw: dict[tuple[int, ...], float] = {}
         for y, p in lm.items():
+            if method == "power":
+                if alpha is None:
+                    raise ValueError("the power target needs alpha")
+                logw[y] = alpha * math.log(p)
+                continue
             base = math.log(p) if method == "qalign" else 0.0
             logw[y] = base + reward_of(y) / beta
         top = max(logw.values())
