@@ -10,7 +10,13 @@ from urllib.parse import quote
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
-from qalign.storage.engine import SQLITE_BUSY_TIMEOUT_MS, normalize_url, redact_url, sqlite_path
+from qalign.storage.engine import (
+    SQLITE_BUSY_PRAGMA,
+    SQLITE_BUSY_TIMEOUT_MS,
+    normalize_url,
+    redact_url,
+    sqlite_path,
+)
 from qalign.storage.errors import DatabaseConnectionError
 
 # Read-only on PostgreSQL: every transaction of the session starts READ ONLY, so a stray write
@@ -57,7 +63,7 @@ def readonly_engine(url: str) -> Engine:
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute("PRAGMA busy_timeout=" + str(int(SQLITE_BUSY_TIMEOUT_MS)))
+        cursor.execute(SQLITE_BUSY_PRAGMA)
         cursor.execute("PRAGMA query_only=ON")  # belt and braces beside mode=ro
     finally:
         cursor.close()

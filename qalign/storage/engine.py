@@ -155,14 +155,14 @@ def _check_sqlite_directory(url: URL) -> None:
 
 
 # Built once from a constant: statements are never assembled from runtime values.
-_SQLITE_BUSY_PRAGMA = "PRAGMA busy_timeout=" + str(int(SQLITE_BUSY_TIMEOUT_MS))
+SQLITE_BUSY_PRAGMA = "PRAGMA busy_timeout=" + str(int(SQLITE_BUSY_TIMEOUT_MS))
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
         # busy_timeout first: switching a fresh file to WAL may have to wait for another connection.
-        cursor.execute(_SQLITE_BUSY_PRAGMA)
+        cursor.execute(SQLITE_BUSY_PRAGMA)
         cursor.execute("PRAGMA journal_mode=WAL")  # in-memory databases answer "memory"
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
