@@ -176,7 +176,8 @@ def test_report_puts_every_method_on_one_figure_and_table(compared: str, tmp_pat
                  "WMV", "BoN"):  # fmt: skip
         assert name in table, name
     assert "FLOPs/prompt" in table and "server s/prompt" in table
-    assert "| SMC (weighted vote) | cmp-smc/" in table and f"({CHAINS} particles) | {CHAINS} |" in table
+    assert "| SMC (weighted vote) | cmp-smc/" in table
+    assert f"({CHAINS} particles) | {CHAINS} |" in table
     # Every curve's points are rows of the table.
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) - 1 == sum(len(c["points"]) for c in summary["curves"])
@@ -212,7 +213,8 @@ def test_weighted_particle_vote_uses_normalised_weights() -> None:
     none = P.ParticleSet((s("a", True),), (-math.inf,), 1, 1)
     assert P.smc_answer(none) is None and not P.smc_correct(none)
     (point,) = P.smc_curve({0: ps, 1: none}, 4, resamples=0, params={"generator": 1.0})
-    assert (point.budget, point.accuracy, point.gen_tokens, point.reward_tokens) == (4, 0.5, 4.5, 2.5)
+    assert (point.budget, point.accuracy) == (4, 0.5)
+    assert (point.gen_tokens, point.reward_tokens) == (4.5, 2.5)
     assert point.flops is None  # reward tokens without a reward-model parameter count
     with pytest.raises(ValueError, match="unknown SMC method"):
         P.smc_curve({0: ps}, 4, method="qalign")

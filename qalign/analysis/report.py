@@ -439,7 +439,8 @@ def _plot_traces(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    if ax.get_legend_handles_labels()[0]:  # power chains alone have no reward trace
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -474,8 +475,10 @@ def _plot_comparison(curves_: Sequence[Curve], path: Path, title: str) -> list[s
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     axes = cost_axes(curves_)
+    curves_ = sorted(curves_, key=lambda c: METHOD_ORDER.index(c.method))
     fig, panels = plt.subplots(1, len(axes), figsize=(5.2 * len(axes), 4.8), squeeze=False)
     for ax, key in zip(panels[0], axes, strict=True):
         _, xlabel, x = next(a for a in COST_AXES if a[0] == key)
@@ -495,6 +498,8 @@ def _plot_comparison(curves_: Sequence[Curve], path: Path, title: str) -> list[s
                 label=f"{c.method_name} · {c.run.label}",
             )
         ax.set_xscale("log")
+        # Minor labels collide on a short log range (seconds spanning less than a decade).
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(xlabel)
         ax.set_ylabel("error rate (1 − accuracy)")
         ax.grid(True, which="both", alpha=0.3)
