@@ -1,8 +1,8 @@
 """`qalign eval`, `qalign predict`, `qalign report`: checking answers and analysing sweeps.
 
-Comparing QAlign with its baselines usually takes two sweeps (a sweep has one method: an
-`ancestral` one for MV / WMV / BoN / MBR, a `qalign` one for QAlign), so every command takes one
-or more sweeps.
+Comparing QAlign with its baselines takes several sweeps (a sweep has one method: an
+`ancestral` one for MV / WMV / BoN / MBR, a `qalign` one for QAlign, `power`, `smc`, ...), so
+every command takes one or more sweeps, and `report` puts all their methods on one figure.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import click
 
 from qalign.cli_sweep import DB_HELP, _sessions
 
-METHOD_CHOICES = ["mv", "wmv", "bon", "qalign", "mbr"]
+METHOD_CHOICES = ["mv", "wmv", "bon", "qalign", "mbr", "power", "smc", "smc-mv"]
 
 
 @contextmanager
@@ -214,7 +214,9 @@ def _f(x: float | None, spec: str = ".3f") -> str:
     "--method",
     type=click.Choice(METHOD_CHOICES),
     required=True,
-    help="mv, wmv, bon, mbr: over an ancestral run's samples; qalign: over chains.",
+    help="mv, wmv, bon, mbr: over an ancestral run's samples; qalign: over QAlign/QUEST "
+    "chains; power: over power chains; smc (weighted) and smc-mv (plain): majority vote of an "
+    "smc run's final particles.",
 )
 @click.option(
     "--select",
@@ -237,9 +239,12 @@ def predict_command(
     """Accuracy of one method per run and budget, with bootstrap intervals and compute.
 
     MV, WMV, BoN and MBR choose among the independent samples of `ancestral` runs; QAlign votes
-    over the states of `qalign` / `quest` chains (after --burn-in, every --thin-th state). A
-    budget is the number of generations per prompt (samples, or chain steps with step 0
-    included). Needs `qalign eval` first.
+    over the states of `qalign` / `quest` chains (after --burn-in, every --thin-th state), and
+    power the same way over `power` chains. A budget is the number of generations per prompt
+    (samples, or chain steps with step 0 included). SMC votes over each prompt's final
+    particles (smc: weighted by exp(log_weight), self-normalised; smc-mv: unweighted): one
+    point per run, its budget the particles, its cost every block (--budgets do not apply).
+    Needs `qalign eval` first.
 
     Example: qalign predict gsm8k-qalign --method qalign --budgets 1,2,4,8 --burn-in 2
     """
@@ -278,7 +283,7 @@ def predict_command(
         click.echo(line)
     for c in result:
         skipped = sorted(set(settings.budgets or ()) - {p.budget for p in c.points})
-        if skipped:
+        if skipped and c.method not in ("smc", "smc-mv"):  # SMC has its one point, no budgets
             click.echo(
                 f"note: {c.run.label} has fewer generations per prompt than budget(s) "
                 f"{', '.join(map(str, skipped))}; skipped",
@@ -313,7 +318,9 @@ def report_command(sweeps: tuple[str, ...], out_dir: str, **kw: Any) -> None:
     step, accuracy vs β). Needs `qalign eval` first.
 
     Baselines come from `ancestral` runs (MV, WMV, BoN; MBR for tasks whose answers cannot be
-    voted on), QAlign from chain runs; give several sweeps to compare them.
+    voted on), QAlign / QUEST / power from chain runs, the SMC votes from `smc` runs; give
+    several sweeps to compare them: every method of a task shares one comparison figure and
+    table (error vs tokens, FLOPs with --generator-params, server seconds where stored).
 
     Example: qalign report qa-sweep anc-sweep -o report/ --generator-params 8e9 --reward-params 8e9
     """

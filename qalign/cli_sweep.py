@@ -846,7 +846,8 @@ def worker_command(
 )
 @click.option("--database", envvar="QALIGN_DATABASE_URL", help=DB_HELP)
 def export_command(sweep: str, out_dir: str, fmt: str, database: str | None) -> None:
-    """Write a sweep's chains and every proposal to OUT/chains.* and OUT/proposals.*.
+    """Write a sweep's chains and every proposal to OUT/chains.* and OUT/proposals.*; a sweep
+    with SMC runs also gets OUT/smc_resamples.* and OUT/smc_ancestry.*.
 
     Example: qalign export my-sweep -o exports/my-sweep --format parquet
     """
@@ -857,4 +858,11 @@ def export_command(sweep: str, out_dir: str, fmt: str, database: str | None) -> 
     sessions = _sessions(database, upgrade=False)
     formats = {"jsonl", "parquet"} if fmt == "both" else {fmt}
     counts = export_sweep(sessions, _sweep_id(sessions, sweep), Path(out_dir), formats)
-    click.echo(f"wrote {counts['chains']} chains and {counts['proposals']} proposals to {out_dir}")
+    smc = (
+        f", {counts['smc_resamples']} SMC resamplings and {counts['smc_ancestry']} ancestry rows"
+        if "smc_ancestry" in counts
+        else ""
+    )
+    click.echo(
+        f"wrote {counts['chains']} chains and {counts['proposals']} proposals{smc} to {out_dir}"
+    )

@@ -199,6 +199,7 @@ def test_eval_predict_report_end_to_end(sqlite_url, tmp_path, toy):
     assert "wrote" in out.output
     md = (report_dir / "report.md").read_text()
     pngs = [
+        "compare-first-word-yes.png",
         "error_vs_compute-first-word-yes.png",
         "error_vs_seconds-first-word-yes.png",
         "accuracy_vs_beta-first-word-yes.png",
@@ -306,12 +307,15 @@ def test_eval_predict_report_on_a_power_sweep(sqlite_url, tmp_path, toy):
     assert out.returncode == 0, out.stderr
     out = _invoke(eval_command, "pw", "--task", TASK, "--quiet", *db)
     assert "sweep 'pw': checked 30 proposals" in out.output
-    # Comparing power chains with the other methods is left to `predict`'s next revision: for
-    # now every prediction method names the runs it needs rather than failing on NULL rewards.
+    # Power chains have their own vote (`--method power`, see tests/test_compare.py); every
+    # other prediction method names the runs it needs rather than failing on NULL rewards.
     for method, needs in (("mv", "ancestral"), ("bon", "ancestral"), ("qalign", "qalign")):
         out = CliRunner().invoke(predict_command, ["pw", "--method", method, *db])
         assert out.exit_code != 0 and f"`method: {needs}`" in out.output, out.output
         assert "Traceback" not in out.output
+    out = _invoke(predict_command, "pw", "--method", "power", "--json", *db)
+    assert {c["run_method"] for c in json.loads(out.output)} == {"power"}
     out = CliRunner().invoke(report_command, ["pw", "-o", str(tmp_path / "r"), *db])
     assert out.exit_code == 0, out.output
-    assert (tmp_path / "r" / "report.md").exists()
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "### Power: accuracy by budget" in md and "(acceptance.png)" in md

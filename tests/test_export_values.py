@@ -209,7 +209,7 @@ def _expected_type(table: str, column: str) -> pa.DataType:
         return pa.map_(pa.string(), pa.float64())
     if column in ("reward", "log_a", "alpha", "gen_latency_ms", "reward_latency_ms"):
         return pa.float64()
-    if column in ("generator_seconds", "reward_seconds", "queue_seconds"):
+    if column in ("generator_seconds", "reward_seconds", "queue_seconds", "log_weight"):
         return pa.float64()
     if column == "state_reward":
         return pa.float64()

@@ -177,6 +177,59 @@ def test_small_gsm8k_sweep_through_eval_and_report(servers, tmp_path):
     assert "real-bon" in md or "smollm2" in md
 
 
+def test_power_and_smc_on_gsm8k_through_eval_predict_and_report(servers, tmp_path):
+    """Power sampling and SMC on 2 GSM8K prompts with SmolLM2: run, eval, predict (power's chain
+    vote, SMC's weighted and plain particle votes) and one comparison figure in the report."""
+    import yaml
+
+    from tests.sweeps_support import cli
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+    db = f"sqlite:///{tmp_path}/compare.sqlite"
+    common = {
+        "generator": {"urls": [servers.gen], "model": "smollm2", "timeout": 600},
+        "dataset": {"task": "gsm8k", "path": str(data), "limit": 2},
+        "max_new_tokens": 32,
+        "max_prompt_length": 512,
+        "seed": 3,
+        "chains_per_prompt": 2,
+    }
+    reward = {"urls": [servers.rm], "model": RM_MODEL, "format": "vllm", "timeout": 600}
+    sweeps = {
+        "real-power": {**common, "method": "power", "alpha": 2.0, "steps": 2},
+        "real-smc": {**common, "method": "smc", "beta": 1.0, "reward": reward,
+                     "smc": {"block_tokens": 16}},
+    }  # fmt: skip
+    for name, cfg in sweeps.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"name": name, **cfg}))
+        out = cli("run", str(path), "--database", db, "--quiet", timeout=540)  # < pytest's 600
+        assert out.returncode == 0, out.stderr[-3000:]
+    out = cli("eval", *sweeps, "--database", db, "--quiet")
+    assert out.returncode == 0, out.stderr[-3000:]
+    for sweep, method in (("real-power", "power"), ("real-smc", "smc"), ("real-smc", "smc-mv")):
+        out = cli("predict", sweep, "--method", method, "--json", "--database", db)
+        assert out.returncode == 0, out.stderr[-3000:]
+        (curve,) = json.loads(out.stdout)
+        assert curve["run_method"] == sweep.removeprefix("real-")
+        assert all(p["prompts"] == 2 and p["gen_tokens"] > 0 for p in curve["points"])
+        if method != "power":
+            (point,) = curve["points"]  # SMC: one point, its 2 particles, 2 blocks each
+            assert point["budget"] == 2 and point["reward_tokens"] > 0
+            assert point["server_seconds"] > 0
+    report_dir = tmp_path / "report"
+    out = cli("report", *sweeps, "-o", str(report_dir), "--generator-params", "135e6",
+              "--reward-params", "135e6", "--database", db)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    md = (report_dir / "report.md").read_text()
+    table = md[md.index("### Comparison: every method (gsm8k)") : md.index("![comparison")]
+    rows = ("| Power | real-power/", "| SMC (weighted vote) | real-smc/",
+            "| SMC (majority vote) | real-smc/")  # fmt: skip
+    for name in (*rows, "FLOPs/prompt", "server s/prompt"):
+        assert name in table, name
+    assert (report_dir / "compare-gsm8k.png").stat().st_size > 1000
+
+
 def test_seed_api_script_runs_against_real_vllm(servers):
     """Every class and argument of the seed API (examples/seed_api.py) against real vLLM."""
     out = run_script(

@@ -15,11 +15,11 @@ from typing import Any
 
 from sqlalchemy import and_, case, distinct, func, select
 
-from qalign.analysis.predict import Sample, Trajectory
+from qalign.analysis.predict import ParticleSet, Sample, Trajectory
 from qalign.storage.models import Answer, Chain, ChainStatus, Prompt, Proposal, Run, Sweep
 from qalign.storage.repo import Sessions, finite_mean, finite_mean_columns
 
-CHAIN_RUN_METHODS = ("qalign", "quest")
+CHAIN_RUN_METHODS = ("qalign", "quest", "power")
 STREAM_BATCH = 5000
 
 
@@ -54,8 +54,13 @@ class RunInfo:
 
     @property
     def has_chains(self) -> bool:
-        """QAlign / QUEST chains (as opposed to the independent samples of `ancestral`)."""
+        """QAlign / QUEST / power chains (as opposed to the independent samples of `ancestral`
+        and the particles of `smc`)."""
         return self.method in CHAIN_RUN_METHODS
+
+    @property
+    def is_smc(self) -> bool:
+        return self.method == "smc"
 
 
 @dataclass(frozen=True)
@@ -314,6 +319,55 @@ def load_trajectories(
     return out
 
 
+def load_particles(
+    sessions: Sessions, run_id: int, final_block: int, *, loose: bool = False, texts: bool = False
+) -> dict[int, ParticleSet]:
+    """Each prompt's final SMC particles (their rows at block `final_block`, in chain order) and
+    the cost of every block row of the prompt, by prompt index.
+
+    A particle that failed for good before the last block has no final row: it is left out of
+    the vote, but the blocks it committed still count in the cost.
+    """
+    q = (
+        select(*_columns(texts), Proposal.log_weight)
+        .select_from(Proposal)
+        .join(Chain, Chain.id == Proposal.chain_id)
+        .join(Prompt, Prompt.id == Chain.prompt_id)
+        .outerjoin(Answer, Answer.proposal_id == Proposal.id)
+        .where(Proposal.run_id == run_id)
+        .order_by(Prompt.prompt_index, Chain.chain_index, Proposal.step)
+    )
+    finals: dict[int, list[tuple[Sample, float]]] = {}
+    cost: dict[int, list[Any]] = {}  # [gen tokens, reward tokens, seconds or None]
+    with sessions() as s:
+        for part in s.execute(q.execution_options(yield_per=STREAM_BATCH)).partitions():
+            for row in part:
+                c = cost.setdefault(row.prompt_index, [0, 0, 0.0])
+                c[0] += int(row.gen_tokens or 0)
+                c[1] += int(row.reward_tokens or 0)
+                if c[2] is not None:
+                    measured = row.generator_seconds is not None and row.reward_seconds is not None
+                    c[2] = c[2] + row.generator_seconds + row.reward_seconds if measured else None
+                if row.step != final_block:
+                    continue
+                if row.answer_id is None:
+                    raise _missing(run_id, row)
+                weight = -math.inf if row.log_weight is None else float(row.log_weight)
+                finals.setdefault(row.prompt_index, []).append(
+                    (_sample(row, loose=loose, texts=texts), weight)
+                )
+    return {
+        k: ParticleSet(
+            particles=tuple(p for p, _ in finals.get(k, [])),
+            log_weights=tuple(w for _, w in finals.get(k, [])),
+            gen_tokens=gen,
+            reward_tokens=rm,
+            seconds=secs,
+        )
+        for k, (gen, rm, secs) in sorted(cost.items())
+    }
+
+
 def acceptance_by_step(sessions: Sessions, run_id: int) -> list[tuple[int, float, int]]:
     """(step, acceptance rate, proposals) for every MCMC step k >= 1 of a run (SQL aggregate)."""
     with sessions() as s:
@@ -390,6 +444,7 @@ __all__ = [
     "acceptance_by_step",
     "answer_coverage",
     "list_runs",
+    "load_particles",
     "load_samples",
     "load_trajectories",
     "require_answers",

@@ -12,10 +12,17 @@ Two kinds of data feed these functions (`qalign.analysis.data` loads both from a
   - `mbr`  minimum Bayes risk with ROUGE-1 F1 as the utility: the response whose mean ROUGE-1 F1
     to the other responses is highest (for IFEval-like tasks whose answers cannot be voted on).
 
-* **chain trajectories** (`Trajectory`): QAlign / QUEST chains. `states[k]` is the chain's state
-  after step k (the last accepted proposal at or before step k). QAlign's answer is the majority
-  vote (or the MBR choice, `select="mbr"`) over the states left after dropping the first
-  `burn_in` steps of each chain and keeping every `thin`-th state after that.
+* **chain trajectories** (`Trajectory`): QAlign / QUEST / power chains. `states[k]` is the
+  chain's state after step k (the last accepted proposal at or before step k). QAlign's answer
+  is the majority vote (or the MBR choice, `select="mbr"`) over the states left after dropping
+  the first `burn_in` steps of each chain and keeping every `thin`-th state after that. Power
+  chains (`method: power`, no reward) are voted on the same way (method `power`).
+
+* **SMC particles** (`ParticleSet`): a prompt's final particles of a `method: smc` run (each
+  particle's state after the last block) with their log weights, and what the whole run cost on
+  that prompt. `smc` is the weighted majority vote, each particle weighing its self-normalised
+  final weight exp(log_weight) (so the vote reads the weighted estimate of QAlign's target);
+  `smc-mv` the plain majority vote of the particles. Zero-weight particles abstain from `smc`.
 
 **Budgets.** A budget n is the number of generations spent on one prompt; each generation comes
 with one reward evaluation when the method uses the reward model (WMV, BoN, QAlign; MV and MBR
@@ -28,6 +35,12 @@ prefix is entirely burnt in votes with its last used state. `pool` splits a prom
 groups of that many chains (in `chain_index` order); each group makes its own prediction and
 the prompt scores the mean over its groups (`pool=1`: one chain per prediction as in the
 paper, averaged over the chains; default: all of a prompt's chains in one prediction).
+
+SMC has a single budget per run, its N particles (`chains_per_prompt`): the particles interact
+through resampling, so a subset of the final particles is not what a run of fewer particles
+would give, and it would still have cost the whole run. Its cost is every block of every
+particle (generated and reward-model tokens, server seconds), whether or not the particle's
+lineage survived. Several sweeps with different `chains_per_prompt` trace an SMC curve.
 
 **Subsets.** With a pool of N independent samples and a budget n < N, the prompt's accuracy is
 the mean over `subsets` random n-subsets of the pool (seeded by `seed`, the prompt's key and n;
@@ -62,9 +75,13 @@ import numpy as np
 from qalign.core.voting import best_of_n, majority_vote, weighted_vote
 
 INDEPENDENT_METHODS = ("mv", "wmv", "bon", "mbr")
-CHAIN_METHODS = ("qalign",)
-METHODS = (*INDEPENDENT_METHODS, *CHAIN_METHODS)
-USES_REWARD = {"mv": False, "wmv": True, "bon": True, "mbr": False, "qalign": True}
+CHAIN_METHODS = ("qalign", "power")
+SMC_METHODS = ("smc", "smc-mv")
+METHODS = (*INDEPENDENT_METHODS, *CHAIN_METHODS, *SMC_METHODS)
+# Whether the method's cost includes reward-model calls (SMC's plain vote still needed them to
+# weight and resample the particles).
+USES_REWARD = {"mv": False, "wmv": True, "bon": True, "mbr": False, "qalign": True,
+               "power": False, "smc": True, "smc-mv": True}  # fmt: skip
 DEFAULT_SUBSETS = 32
 DEFAULT_RESAMPLES = 1000
 K = TypeVar("K", bound=Hashable)  # a prompt key
@@ -113,6 +130,23 @@ class Trajectory:
     @property
     def length(self) -> int:
         return len(self.states)
+
+
+@dataclass(frozen=True)
+class ParticleSet:
+    """A prompt's final SMC particles with their log weights (-inf: zero weight), and the
+    generated tokens, reward-model tokens and server seconds (None: not measured for every
+    block) that every block of every particle of the prompt cost."""
+
+    particles: tuple[Sample, ...]
+    log_weights: tuple[float, ...]
+    gen_tokens: int
+    reward_tokens: int
+    seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.particles) != len(self.log_weights):
+            raise ValueError("a particle set's particles and log weights differ in length")
 
 
 @dataclass(frozen=True)
@@ -366,6 +400,27 @@ def qalign_correct(
     raise ValueError(f"unknown QAlign selection {select!r}; expected mv or mbr")
 
 
+# ---- SMC -----------------------------------------------------------------------------------
+
+
+def smc_answer(ps: ParticleSet, *, weighted: bool = True) -> str | None:
+    """The weighted (self-normalised exp(log_weight)) or plain majority vote of the particles;
+    zero-weight particles and particles without an answer abstain from the weighted vote."""
+    answers = [s.answer for s in ps.particles]
+    if not weighted:
+        return majority_vote(answers)
+    live = [(a, w) for a, w in zip(answers, ps.log_weights, strict=True) if w > -math.inf]
+    if not live:
+        return None
+    # softmax(log w) is the self-normalised weight, so a weighted vote at temperature 1 is it.
+    return weighted_vote([a for a, _ in live], [w for _, w in live], 1.0)
+
+
+def smc_correct(ps: ParticleSet, *, weighted: bool = True) -> bool:
+    """Whether the SMC vote (`smc_answer`) is right."""
+    return answer_correct(smc_answer(ps, weighted=weighted), ps.particles)
+
+
 # ---- curves ----------------------------------------------------------------------------------
 
 
@@ -588,6 +643,36 @@ def qalign_curve(
     ]
 
 
+def smc_curve(
+    sets: Mapping[K, ParticleSet],
+    budget: int,
+    *,
+    method: str = "smc",
+    seed: int = 0,
+    resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = 0.95,
+    params: Mapping[str, float] | None = None,
+) -> list[Point]:
+    """SMC's single point (`budget`: the run's particles per prompt; see the module docstring):
+    `smc` votes with the final weights, `smc-mv` without; the cost is the whole run's."""
+    if method not in SMC_METHODS:
+        raise ValueError(f"unknown SMC method {method!r}; expected one of {SMC_METHODS}")
+    rows: list[_Row] = [
+        (
+            float(smc_correct(ps, weighted=method == "smc")),
+            float(ps.gen_tokens),
+            float(ps.reward_tokens),
+            ps.seconds,
+        )
+        for ps in sets.values()
+        if ps.particles
+    ]
+    if not rows:
+        return []
+    return [_point(budget, rows, params=params, resamples=resamples, seed=seed,
+                   confidence=confidence)]  # fmt: skip
+
+
 # ---- traces --------------------------------------------------------------------------------
 
 
@@ -619,7 +704,9 @@ __all__ = [
     "CHAIN_METHODS",
     "INDEPENDENT_METHODS",
     "METHODS",
+    "SMC_METHODS",
     "USES_REWARD",
+    "ParticleSet",
     "Point",
     "RougeCache",
     "Sample",
@@ -647,6 +734,9 @@ __all__ = [
     "rouge1_f1",
     "rouge_tokens",
     "select_correct",
+    "smc_answer",
+    "smc_correct",
+    "smc_curve",
     "split_budget",
     "subsets_of",
     "wmv_correct",

@@ -29,6 +29,7 @@ from qalign.analysis.data import (
     RunSummary,
     acceptance_by_step,
     list_runs,
+    load_particles,
     load_samples,
     load_trajectories,
     require_answers,
@@ -42,7 +43,12 @@ METHOD_NAMES = {
     "bon": "BoN",
     "mbr": "MBR (ROUGE-1)",
     "qalign": "QAlign",
+    "power": "Power",
+    "smc": "SMC (weighted vote)",
+    "smc-mv": "SMC (majority vote)",
 }
+# The order methods are listed in (tables, legends)
+METHOD_ORDER = ("mv", "wmv", "bon", "mbr", "qalign", "power", "smc", "smc-mv")
 
 
 @dataclass(frozen=True)
@@ -90,8 +96,8 @@ class Curve:
 
     @property
     def method_name(self) -> str:
-        if self.method == "qalign":
-            base = "QUEST" if self.run.method == "quest" else "QAlign"
+        if self.method in ("qalign", "power"):
+            base = "QUEST" if self.run.method == "quest" else METHOD_NAMES[self.method]
             return base + (" (MBR)" if "mbr" in self.note else "")
         return METHOD_NAMES.get(self.method, self.method)
 
@@ -102,6 +108,7 @@ class Curve:
             "run_id": self.run.id,
             "run_method": self.run.method,
             "beta": self.run.beta,
+            "alpha": self.run.config.get("alpha"),
             "temperature": self.run.temperature,
             "steps": self.run.steps,
             "generator_model": self.run.generator_model,
@@ -135,14 +142,30 @@ def _budgets(settings: Settings, max_budget: int) -> list[int]:
 
 
 def applicable(run: RunInfo, method: str) -> bool:
-    """Baselines need independent samples (`ancestral` runs); QAlign needs chains."""
-    return run.has_chains if method == "qalign" else run.method == "ancestral"
+    """Baselines need independent samples (`ancestral` runs); QAlign needs QAlign or QUEST
+    chains, power its own chains, the SMC votes an `smc` run."""
+    if method == "qalign":
+        return run.method in ("qalign", "quest")
+    if method == "power":
+        return run.method == "power"
+    if method in P.SMC_METHODS:
+        return run.is_smc
+    return run.method == "ancestral"
+
+
+# What each method needs, for the error when a sweep has none
+NEEDS = {
+    "qalign": "QAlign/QUEST runs (a sweep with `method: qalign` or `quest`)",
+    "power": "power chains (a sweep with `method: power`)",
+    "smc": "SMC particles (a sweep with `method: smc`)",
+    "smc-mv": "SMC particles (a sweep with `method: smc`)",
+}
 
 
 def chain_curve(
     run: RunInfo, task: str, chains: dict[int, list[P.Trajectory]], settings: Settings
 ) -> Curve:
-    """QAlign's curve on a chain run's loaded trajectories."""
+    """The chain vote's curve (QAlign, QUEST or power) on a chain run's loaded trajectories."""
     budgets = _budgets(settings, P.qalign_max_budget(chains, settings.pool))
     points = P.qalign_curve(
         chains,
@@ -156,7 +179,36 @@ def chain_curve(
         confidence=settings.confidence,
         params=settings.params,
     )
-    return Curve(run, task, "qalign", points, "select=mbr" if settings.select == "mbr" else "")
+    method = "power" if run.method == "power" else "qalign"
+    return Curve(run, task, method, points, "select=mbr" if settings.select == "mbr" else "")
+
+
+def smc_curves(
+    run: RunInfo,
+    task: str,
+    sets: dict[int, P.ParticleSet],
+    methods: Sequence[str],
+    settings: Settings,
+) -> list[Curve]:
+    """The SMC votes' single points on an smc run's loaded particles (budget: its particles)."""
+    return [
+        Curve(
+            run,
+            task,
+            method,
+            P.smc_curve(
+                sets,
+                run.chains_per_prompt,
+                method=method,
+                seed=settings.seed,
+                resamples=settings.resamples,
+                confidence=settings.confidence,
+                params=settings.params,
+            ),
+            f"{run.chains_per_prompt} particles",
+        )
+        for method in methods
+    ]
 
 
 def sample_curves(
@@ -207,6 +259,9 @@ def run_curves(
         texts = settings.select == "mbr"
         chains = load_trajectories(sessions, run.id, loose=settings.loose, texts=texts)
         return [chain_curve(run, task, chains, settings)]
+    if run.is_smc:
+        sets = load_particles(sessions, run.id, run.steps, loose=settings.loose)
+        return smc_curves(run, task, sets, methods, settings)
     texts = "mbr" in methods
     samples = load_samples(sessions, run.id, loose=settings.loose, texts=texts)
     return sample_curves(run, task, samples, methods, settings)
@@ -238,11 +293,7 @@ def curves(
         if applicable(r, method) and (not runs or any(f in r.label for f in runs))
     ]
     if not chosen:
-        kind = (
-            "QAlign/QUEST runs (a sweep with `method: qalign` or `quest`)"
-            if method == "qalign"
-            else "independent samples (a sweep with `method: ancestral`)"
-        )
+        kind = NEEDS.get(method, "independent samples (a sweep with `method: ancestral`)")
         names = ", ".join(name for _, name in sweeps)
         raise AnalysisError(f"{METHOD_NAMES[method]} needs {kind}; none in {names}")
     out: list[Curve] = []
@@ -285,7 +336,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 def _methods_for(run: RunInfo, votable: bool, scored: bool) -> list[str]:
     if run.has_chains:
-        return ["qalign"]
+        return ["power" if run.method == "power" else "qalign"]
+    if run.is_smc:
+        # Both votes need answers to vote on; free-form tasks get no SMC prediction.
+        return list(P.SMC_METHODS) if votable else []
     if votable:
         return ["mv", *(["wmv", "bon"] if scored else [])]
     return ["mbr", *(["bon"] if scored else [])]
@@ -385,10 +439,108 @@ def _plot_traces(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    if ax.get_legend_handles_labels()[0]:  # power chains alone have no reward trace
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# The comparison figure's cost axes: (key, axis label, value of a point or None)
+COST_AXES: tuple[tuple[str, str, Callable[[P.Point], float | None]], ...] = (
+    ("tokens", "generated + reward-model tokens per prompt",
+     lambda p: p.gen_tokens + p.reward_tokens),
+    ("flops", "FLOPs per prompt (2·params·tokens)", lambda p: p.flops),
+    ("seconds", "generator + reward server seconds per prompt", lambda p: p.server_seconds),
+)  # fmt: skip
+MARKERS = {"mv": "o", "wmv": "s", "bon": "^", "mbr": "v", "qalign": "D", "power": "P",
+           "smc": "*", "smc-mv": "X"}  # fmt: skip
+
+
+def cost_axes(curves_: Sequence[Curve]) -> list[str]:
+    """The cost axes every curve of a comparison has a value on: tokens always, FLOPs when the
+    parameter counts were given, server seconds when every point has them stored."""
+    points = [p for c in curves_ for p in c.points]
+    out = ["tokens"]
+    if points and all(p.flops is not None for p in points):
+        out.append("flops")
+    if points and all(p.server_seconds is not None for p in points):
+        out.append("seconds")
+    return out
+
+
+def _plot_comparison(curves_: Sequence[Curve], path: Path, title: str) -> list[str]:
+    """Every method's error rate against each cost axis, one panel per axis; returns the axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    axes = cost_axes(curves_)
+    curves_ = sorted(curves_, key=lambda c: METHOD_ORDER.index(c.method))
+    fig, panels = plt.subplots(1, len(axes), figsize=(5.2 * len(axes), 4.8), squeeze=False)
+    for ax, key in zip(panels[0], axes, strict=True):
+        _, xlabel, x = next(a for a in COST_AXES if a[0] == key)
+        for c in curves_:
+            pts = [
+                (xv, p)
+                for p in c.points
+                if (xv := x(p)) is not None and xv > 0 and math.isfinite(p.accuracy)
+            ]
+            if not pts:
+                continue
+            ax.plot(
+                [xv for xv, _ in pts],
+                [1.0 - p.accuracy for _, p in pts],
+                marker=MARKERS.get(c.method, "o"),
+                ms=7 if len(pts) == 1 else 4,  # a single-point method (SMC) stays visible
+                label=f"{c.method_name} · {c.run.label}",
+            )
+        ax.set_xscale("log")
+        # Minor labels collide on a short log range (seconds spanning less than a decade).
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("error rate (1 − accuracy)")
+        ax.grid(True, which="both", alpha=0.3)
+    panels[0][0].legend(fontsize=6, loc="best")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return axes
+
+
+def _markdown_comparison(
+    task: str, cs: Sequence[Curve], image: str, axes: Sequence[str]
+) -> list[str]:
+    """Every method's points on one table, with every cost the comparison figure plots."""
+    header = ["method", "run", "budget", "accuracy", "gen tokens/prompt", "RM tokens/prompt"]
+    header += ["FLOPs/prompt"] if "flops" in axes else []
+    header += ["server s/prompt"] if "seconds" in axes else []
+    rows = []
+    for c in sorted(cs, key=lambda c: METHOD_ORDER.index(c.method)):
+        for p in c.points:
+            rows.append(
+                [c.method_name, c.run.label + (f" ({c.note})" if c.note else ""), str(p.budget),
+                 _cell(p), _fmt(p.gen_tokens, ".1f"), _fmt(p.reward_tokens, ".1f")]
+                + ([_fmt(p.flops, ".3g")] if "flops" in axes else [])
+                + ([_fmt(p.server_seconds, ".3g")] if "seconds" in axes else [])
+            )  # fmt: skip
+    shown = ", ".join(label for key, label, _ in COST_AXES if key in axes)
+    return [
+        f"### Comparison: every method ({task})",
+        "",
+        "Every method of the sweeps on one figure and one table: accuracy against cost per "
+        f"prompt ({shown}). A budget is generations per prompt for the baselines and chains, "
+        "the particles per prompt for SMC (one point per run, its whole cost: every block of "
+        "every particle).",
+        "",
+        *_table(header, rows),
+        "",
+        f"![comparison, {task}]({image})",
+        "",
+    ]
 
 
 def _beta_groups(curves_: Sequence[Curve]) -> dict[tuple[Any, ...], list[Curve]]:
@@ -489,7 +641,12 @@ def write_report(
         by_task.setdefault(c.task, []).append(c)
     images: list[str] = []
     for task, cs in by_task.items():
-        md += _markdown_task(task, cs)
+        name = f"compare-{_slug(task)}.png"
+        axes = _plot_comparison(cs, out_dir / name, f"{task}: every method, error vs cost")
+        images.append(name)
+        section = _markdown_task(task, cs)
+        # The comparison leads the task's section, before the per-method tables.
+        md += section[:2] + _markdown_comparison(task, cs, name, axes) + section[2:]
         name = f"error_vs_compute-{_slug(task)}.png"
         _plot_error_vs_compute(cs, out_dir / name, f"{task}: error vs compute")
         images.append(name)
@@ -637,7 +794,7 @@ def _markdown_head(
                 str(t.run.chains_per_prompt),
                 str(s.prompts),
                 str(s.proposals),
-                _fmt(s.acceptance),
+                _fmt(None if t.run.is_smc else s.acceptance),
                 str(s.prompts_converged) if s.chains_converged else "–",
                 _fmt(s.mean_proposal_reward),
                 _fmt(s.gen_tokens / s.prompts if s.prompts else None, ".1f"),
@@ -720,8 +877,7 @@ def _markdown_diagnostics(traces: Sequence[RunTraces], burn_in: int) -> list[str
 
 def _markdown_task(task: str, cs: Sequence[Curve]) -> list[str]:
     md = [f"## Task: {task}", ""]
-    order = ["mv", "wmv", "bon", "mbr", "qalign"]
-    for method in sorted({c.method for c in cs}, key=order.index):
+    for method in sorted({c.method for c in cs}, key=METHOD_ORDER.index):
         mcs = [c for c in cs if c.method == method]
         budgets = sorted({p.budget for c in mcs for p in c.points})
         name = mcs[0].method_name if len({c.method_name for c in mcs}) == 1 else method
@@ -762,9 +918,11 @@ __all__ = [
     "Settings",
     "applicable",
     "chain_curve",
+    "cost_axes",
     "curves",
     "run_curves",
     "sample_curves",
+    "smc_curves",
     "sweep_tasks",
     "write_report",
 ]

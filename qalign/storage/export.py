@@ -1,5 +1,8 @@
 """Export a sweep's chains and proposals to JSONL and Parquet, streaming in batches.
 
+A sweep with `method: smc` runs also exports its resampling barriers (`smc_resamples.*`) and
+particle genealogy (`smc_ancestry.*`); `proposals.log_weight` holds the particles' weights.
+
 Every stored value exports (README "Exporting"): Parquet columns take their types from the SQL
 schema, identical in every batch; non-finite floats are null in JSONL (strict JSON), and in
 Parquet ±inf stays ±inf while NaN is null.
@@ -16,7 +19,7 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, String, select
 from sqlalchemy.types import TypeDecorator
 
-from qalign.storage.models import Chain, Prompt, Proposal, Run
+from qalign.storage.models import Chain, Prompt, Proposal, Run, SmcAncestry, SmcResample
 from qalign.storage.repo import Sessions
 
 BATCH = 2000
@@ -55,9 +58,33 @@ def _proposal_fields() -> dict[str, Any]:
                 "generator_seconds",
                 "reward_seconds",
                 "queue_seconds",
+                "log_weight",
             )
         },
     }
+
+
+def _resample_fields() -> dict[str, Any]:
+    return {
+        "run_id": SmcResample.run_id,
+        "run": Run.name,
+        "prompt_index": Prompt.prompt_index,
+        **{c: getattr(SmcResample, c)
+           for c in ("block", "particles", "ess", "resampled", "u", "created_at")},
+    }  # fmt: skip
+
+
+def _ancestry_fields() -> dict[str, Any]:
+    return {
+        "run_id": SmcAncestry.run_id,
+        "run": Run.name,
+        "prompt_index": Prompt.prompt_index,
+        "chain_id": SmcAncestry.chain_id,
+        "chain_index": Chain.chain_index,
+        **{c: getattr(SmcAncestry, c)
+           for c in ("block", "parent_chain_id", "log_weight", "state_tokens", "state_reward",
+                     "state_finish", "state_text")},
+    }  # fmt: skip
 
 
 def _chain_fields() -> dict[str, Any]:
@@ -186,6 +213,28 @@ def _chain_rows(
     return _rows(sessions, q)
 
 
+def _smc_rows(
+    sessions: Sessions, sweep_id: int, fields: dict[str, Any], table: Any
+) -> Iterator[list[tuple[Any, ...]]]:
+    q = select(*fields.values()).join(Run, Run.id == table.run_id)
+    q = q.join(Prompt, Prompt.id == table.prompt_id)
+    order: tuple[Any, ...]
+    if table is SmcAncestry:
+        q = q.join(Chain, Chain.id == SmcAncestry.chain_id)
+        order = (SmcAncestry.run_id, Prompt.prompt_index, SmcAncestry.block, Chain.chain_index)
+    else:
+        order = (SmcResample.run_id, Prompt.prompt_index, SmcResample.block)
+    return _rows(sessions, q.where(Run.sweep_id == sweep_id).order_by(*order))
+
+
+def _has_smc(sessions: Sessions, sweep_id: int) -> bool:
+    with sessions() as s:
+        found = s.execute(
+            select(Run.id).where(Run.sweep_id == sweep_id, Run.method == "smc").limit(1)
+        ).first()
+    return found is not None
+
+
 def _write(
     batches: Iterator[list[tuple[Any, ...]]], fields: dict[str, Any], base: Path, formats: set[str]
 ) -> int:
@@ -226,10 +275,11 @@ def _write(
 def export_sweep(
     sessions: Sessions, sweep_id: int, out_dir: Path, formats: set[str]
 ) -> dict[str, int]:
-    """Write `chains.*` and `proposals.*` under `out_dir`; returns row counts."""
+    """Write `chains.*` and `proposals.*` under `out_dir` (and, for a sweep with SMC runs,
+    `smc_resamples.*` and `smc_ancestry.*`); returns row counts."""
     out_dir.mkdir(parents=True, exist_ok=True)
     chains, proposals = _chain_fields(), _proposal_fields()
-    return {
+    counts = {
         "chains": _write(
             _chain_rows(sessions, sweep_id, chains), chains, out_dir / "chains", formats
         ),
@@ -237,3 +287,11 @@ def export_sweep(
             _proposal_rows(sessions, sweep_id, proposals), proposals, out_dir / "proposals", formats
         ),
     }
+    if _has_smc(sessions, sweep_id):
+        for name, fields, table in (
+            ("smc_resamples", _resample_fields(), SmcResample),
+            ("smc_ancestry", _ancestry_fields(), SmcAncestry),
+        ):
+            rows = _smc_rows(sessions, sweep_id, fields, table)
+            counts[name] = _write(rows, fields, out_dir / name, formats)
+    return counts
