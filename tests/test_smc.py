@@ -390,3 +390,80 @@ def test_particles_waiting_for_a_dead_process_are_brought_back_by_the_reaper(
     with sessions() as s:
         assert len(s.execute(select(SmcResample)).all()) == 3 * (block_count(4, 1) - 1)
     assert _rows(sessions) == whole
+
+
+def test_a_particle_revived_after_its_siblings_went_on_fails_with_a_reason(
+    servers: Any, tmp_path: Path
+) -> None:
+    """A particle that failed for good drops out of the next barrier; revived later
+    (`--retry-failed`), it has no lineage to continue: it fails again at once, with a reason,
+    and the run goes on (no exception out of the runner)."""
+    from qalign.storage import repo
+
+    sessions = _open(f"sqlite:///{tmp_path / 'revived.sqlite'}")
+    sweep_id, _ = create_sweep(sessions, parse_config(_smc_sweep("smc-a", *servers)))
+    service = StepService(sessions)
+    with sessions() as s:
+        dropped = s.execute(select(Chain.id).order_by(Chain.id)).scalars().first()
+    assert dropped is not None
+
+    async def go() -> None:
+        try:
+            assert (await service.take(dropped, 0)).result is Result.COMMITTED
+            assert repo.record_failure(sessions, dropped, 1, "ServerError: gone", 1)[0] == "failed"
+            await run_locally(service, sweep_id, progress=False)
+            await run_locally(service, sweep_id, retry_failed=True, progress=False)
+        finally:
+            await service.close()
+
+    asyncio.run(go())
+    with sessions() as s:
+        chains = s.execute(select(Chain)).scalars().all()
+        by_status = {c.id: c.status for c in chains}
+        lost = s.get(Chain, dropped)
+        assert lost is not None and lost.last_error is not None
+        assert "SMCLineageError" in lost.last_error and "--retry-failed" in lost.last_error
+        first_barrier = s.execute(
+            select(SmcResample).where(SmcResample.prompt_id == lost.prompt_id,
+                                      SmcResample.block == 0)
+        ).scalar_one()  # fmt: skip
+    assert by_status.pop(dropped) == "failed"
+    assert set(by_status.values()) == {"done"}
+    assert first_barrier.particles == 5  # resampled among the live particles only
+
+
+def test_siblings_waiting_for_a_revived_particle_are_woken_when_it_drops_out(
+    servers: Any, tmp_path: Path
+) -> None:
+    """Revived mid-run, the particle is live and behind, so its siblings wait for it at the next
+    barrier; when it finds it has no lineage it fails and hands them on."""
+    from qalign.storage import repo
+
+    sessions = _open(f"sqlite:///{tmp_path / 'revived.sqlite'}")
+    sweep_id, _ = create_sweep(sessions, parse_config(_smc_sweep("smc-a", *servers)))
+    service = StepService(sessions)
+    with sessions() as s:
+        dropped, *sibs = s.execute(select(Chain.id).order_by(Chain.id).limit(6)).scalars()
+
+    async def go() -> Any:
+        try:
+            assert (await service.take(dropped, 0)).result is Result.COMMITTED
+            assert repo.record_failure(sessions, dropped, 1, "ServerError: gone", 1)[0] == "failed"
+            for step in (0, 1):  # the barrier after block 0 runs without the failed particle
+                for cid in sibs:
+                    assert (await service.take(cid, step)).result is Result.COMMITTED
+            repo.unfinished_chains(sessions, sweep_id, retry_failed=True)  # revived
+            for cid in sibs:
+                assert (await service.take(cid, 2)).result is Result.WAITING
+            out = await service.take(dropped, 1)
+            await run_locally(service, sweep_id, progress=False)
+            return out
+        finally:
+            await service.close()
+
+    out = asyncio.run(go())
+    assert out.result is Result.FAILED and out.chain_status == "failed"
+    assert sorted(out.wake) == [(cid, 2) for cid in sibs]
+    with sessions() as s:
+        statuses = dict(s.execute(select(Chain.id, Chain.status)).all())
+    assert statuses.pop(dropped) == "failed" and set(statuses.values()) == {"done"}
