@@ -17,14 +17,23 @@ with reasons and shown by `qalign sweep status`; NaN answers rejected at most on
 and the final states match the exact k-step law within the sampling bound (chains that received
 a NaN reward are left out: a NaN rejection is a different, still target-invariant, kernel).
 
+With `--method smc` the sweep is an SMC one (issue 13: many prompts, each a group of particles
+that meet at a resampling barrier after every block) and the run has no NaN windows (a NaN reward
+changes a particle's weight, so the run could not equal a crash-free one). Instead of the
+exact-law check it verifies that every particle-block is stored once, every barrier ran exactly
+once with one ancestry row per particle, and that every stored row (blocks and their log weights,
+barriers, ancestry, final states) equals those of a crash-free in-process run of the same config
+and seed against fresh toy servers (their sampling is seeded, so the faults cannot show).
+
 Run: `.venv/bin/python benchmarks/chaos.py` (full: 20 SIGKILLs, ~5 min on 2 cores) or
-`--short` (the CI form, as in tests/test_chaos.py). Prints a Markdown summary; `--record`
-appends it to benchmarks/RESULTS.md under "Chaos run".
+`--short` (the CI form, as in tests/test_chaos.py), each with `--method smc` for the SMC sweep.
+Prints a Markdown summary; `--record` appends it to benchmarks/RESULTS.md under "Chaos run".
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
@@ -55,8 +64,12 @@ if str(ROOT) not in sys.path:
 from sqlalchemy import func, select  # noqa: E402
 from sqlalchemy.exc import SQLAlchemyError  # noqa: E402
 
+from qalign.config import parse_config  # noqa: E402
 from qalign.core import KernelConfig  # noqa: E402
-from qalign.scheduler.sweeps import reap  # noqa: E402
+from qalign.sampling.smc import FINISHED_ENDPOINT  # noqa: E402
+from qalign.scheduler.local import run_locally  # noqa: E402
+from qalign.scheduler.sweeps import create_sweep, reap  # noqa: E402
+from qalign.steps.service import StepService  # noqa: E402
 from qalign.storage.engine import make_engine, make_sessionmaker  # noqa: E402
 from qalign.storage.migrate import upgrade  # noqa: E402
 from qalign.storage.models import Chain, ChainStatus, Proposal, StepError  # noqa: E402
@@ -74,6 +87,8 @@ from tests.sweeps_support import (  # noqa: E402
     Worker,
     check_invariants,
     cli,
+    smc_complete,
+    smc_rows,
     sweep_config,
     write_config,
 )
@@ -87,7 +102,9 @@ class Plan:
     """What to run and which faults to inject (counts per kind)."""
 
     chains: int = 500
-    steps: int = 6
+    steps: int = 6  # smc: blocks of one token (max_new_tokens = steps)
+    method: str = "qalign"  # or "smc": `chains` particles over `prompts` prompts
+    prompts: int = 1
     workers: int = 3
     concurrency: int = 6
     kill: int = 20
@@ -128,6 +145,11 @@ SHORT = replace(
     stall_timeout=15.0,
     deadline=240.0,
 )
+# SMC: no NaN window (see the module doc). The short form has 20 prompts x 8 particles x 4
+# blocks (60 barriers); its generator is slower than SHORT's so that the faults, spaced by
+# committed steps, all land before its 640 blocks (many of them no-ops) are done.
+SMC_FULL = replace(FULL, method="smc", prompts=50, chains=400, steps=4, nan=0, gen_latency=1.0)
+SMC_SHORT = replace(SHORT, method="smc", prompts=20, chains=160, steps=4, nan=0, gen_latency=0.4)
 
 
 @dataclass
@@ -154,6 +176,10 @@ class Report:
     reward_requests: int = 0
     nan_rejections: int = 0
     exact_chains: int = 0
+    barrier_waits: int = 0  # smc: steps that waited at a barrier for a sibling (no effect)
+    barriers: int = 0  # smc: resampling barriers stored
+    finished_blocks: int = 0  # smc: blocks of a finished particle (committed, nothing generated)
+    same_as_crash_free: bool | None = None  # smc: every stored row equals a crash-free run's
     tv: float = float("nan")
     tv_limit: float = float("nan")
     status_output: str = ""
@@ -168,7 +194,7 @@ class Report:
     def table(self) -> str:
         p = self.plan
         gen, rm = self.server_faults.get("gen", {}), self.server_faults.get("rm", {})
-        redone = self.sequences_generated - self.steps_committed
+        redone = self.sequences_generated - (self.steps_committed - self.finished_blocks)
         errors = ", ".join(f"{k} {v}" for k, v in self.step_errors.items()) or "none"
         rows = [
             ("worker processes SIGKILLed (each replaced at once)", f"{self.injected['kill']}"),
@@ -207,21 +233,43 @@ class Report:
             ("proposals rejected for a NaN reward (≤ NaN answers)", f"{self.nan_rejections}"),
             ("unexpected worker exits", f"{len(self.unexpected_exits)}"),
             ("workers' exit codes after SIGTERM (warm shutdown)", f"{self.graceful_exits}"),
-            (
-                f"exactness: TV of {self.exact_chains} final states to the exact "
-                f"{p.steps}-step law",
-                f"{self.tv:.4f} < bound {self.tv_limit:.4f}",
-            ),
+            *self._exactness(),
             ("wall time", f"{self.seconds:.0f} s"),
         ]
+        if p.method == "smc":
+            sweep = (
+                f"SMC: {p.prompts} prompts x {p.chains // p.prompts} particles x {p.steps} blocks"
+            )
+        else:
+            sweep = f"{p.chains} chains x {p.steps} steps"
         head = (
-            f"{p.chains} chains x {p.steps} steps, {p.workers} workers x {p.concurrency} "
-            f"threads, PostgreSQL + Redis: {'PASS' if self.ok else 'FAIL'}"
+            f"{sweep}, {p.workers} workers x {p.concurrency} threads, PostgreSQL + Redis: "
+            f"{'PASS' if self.ok else 'FAIL'}"
         )
         lines = [head, "", "| | |", "|---|---|"]
         lines += [f"| {a} | {b} |" for a, b in rows]
         lines += [f"\nFAILED: {f}" for f in self.failures]
         return "\n".join(lines)
+
+    def _exactness(self) -> list[tuple[str, str]]:
+        p = self.plan
+        if p.method == "smc":
+            same = {True: "yes", False: "**no**", None: "not compared"}[self.same_as_crash_free]
+            return [
+                (
+                    "resampling barriers stored (one per prompt and block but the last)",
+                    f"{self.barriers} / {p.prompts * (p.steps - 1)}",
+                ),
+                ("steps that waited at a barrier for a sibling", f"{self.barrier_waits}"),
+                ("every stored row equals a crash-free run's (same seed)", same),
+            ]
+        return [
+            (
+                f"exactness: TV of {self.exact_chains} final states to the exact "
+                f"{p.steps}-step law",
+                f"{self.tv:.4f} < bound {self.tv_limit:.4f}",
+            )
+        ]
 
 
 # ---- private services ----------------------------------------------------------------------
@@ -429,18 +477,12 @@ def run(plan: Plan, log: Any = print) -> Report:
         db = pg.url
         upgrade(db)
         sessions = make_sessionmaker(make_engine(db, pool_size=4))
-        cfg = sweep_config(
-            "chaos", gen.url, rm.url, prompts=1, beta=1.0, steps=plan.steps, chains=plan.chains
-        )
-        cfg["dataset"] = {"prompts": ["Answer yes or no."]}
-        cfg["generator"].update(timeout=2.0, max_retries=4)
-        cfg["reward"].update(timeout=2.0, max_retries=4)
-        cfg["execution"] = {"max_attempts": plan.max_attempts, "stall_timeout": plan.stall_timeout}
+        cfg = chaos_config(plan, gen.url, rm.url)
         path = write_config(tmp, cfg)
         out = cli("sweep", "create", str(path), "--database", db, env=broker.env())
         if out.returncode != 0:
             raise RuntimeError(f"sweep create failed: {out.stderr}")
-        report.steps_expected = plan.chains * (plan.steps + 1)
+        report.steps_expected = plan.chains * (plan.steps + (plan.method != "smc"))
 
         serial = 0
         alive: list[Worker] = []
@@ -573,7 +615,11 @@ def run(plan: Plan, log: Any = print) -> Report:
         report.sequences_generated = int(gen.metrics()["sequences"])
         report.reward_requests = int(rm.metrics()["scored_inputs"])
         _logs(report, [*alive, *dead])
-        _verify(report, db, sessions, broker)
+        if plan.method == "smc":
+            _verify_smc(report, db, cfg, tmp)
+        else:
+            _verify(report, db, sessions, broker)
+        _verify_common(report, db, sessions, broker)
         kept = " ".join(report.unexpected_exits)
         for w in [*alive, *dead]:
             if str(w.log) not in kept:  # keep the logs of workers that died on their own
@@ -633,17 +679,33 @@ def _logs(report: Report, workers: list[Worker]) -> None:
     text = "\n".join(w.output() for w in workers)
     report.db_handbacks = len(re.findall(r"database unavailable", text))
     report.redundant_deliveries = len(re.findall(r"step \d+: (?:duplicate|skipped)", text))
+    report.barrier_waits = len(re.findall(r"step \d+: waiting", text))
     report.broker_reconnects = len(re.findall(r"Connection to broker lost", text))
 
 
-def _verify(report: Report, db: str, sessions: Any, broker: Broker) -> None:
+def chaos_config(plan: Plan, gen_url: str, rm_url: str) -> dict[str, Any]:
+    """The sweep the chaos run creates: one prompt of many chains, or SMC prompts of particles."""
+    if plan.method == "smc":
+        particles = plan.chains // plan.prompts
+        cfg = sweep_config("chaos", gen_url, rm_url, prompts=plan.prompts, beta=1.0,
+                           chains=particles, max_new_tokens=plan.steps)  # fmt: skip
+        cfg.pop("steps")
+        cfg.update(method="smc", smc={"block_tokens": 1, "ess_threshold": 0.7})
+    else:
+        cfg = sweep_config(
+            "chaos", gen_url, rm_url, prompts=1, beta=1.0, steps=plan.steps, chains=plan.chains
+        )
+        cfg["dataset"] = {"prompts": ["Answer yes or no."]}
+    cfg["generator"].update(timeout=2.0, max_retries=4)
+    cfg["reward"].update(timeout=2.0, max_retries=4)
+    cfg["execution"] = {"max_attempts": plan.max_attempts, "stall_timeout": plan.stall_timeout}
+    return cfg
+
+
+def _verify_common(report: Report, db: str, sessions: Any, broker: Broker) -> None:
+    """Nothing lost or doubled, the faults were served and every failed attempt is shown."""
     fail = report.failures.append
     plan = report.plan
-    try:
-        finals = check_invariants(db)
-    except AssertionError as exc:
-        fail(f"invariants: {exc}")
-        finals = {}
     with sessions() as s:
         report.steps_committed = int(s.execute(select(func.count(Proposal.id))).scalar() or 0)
         dupes = s.execute(
@@ -666,23 +728,6 @@ def _verify(report: Report, db: str, sessions: Any, broker: Broker) -> None:
                 .order_by(func.count().desc())
             ).all()
         )
-        nan_hit = set(
-            s.execute(
-                select(Proposal.chain_id).where(
-                    (Proposal.reject_reason == "non_finite_reward")
-                    | ((Proposal.step == 0) & Proposal.reward.is_(None))
-                )
-            ).scalars()
-        )
-        report.nan_rejections = int(
-            s.execute(
-                select(func.count()).where(
-                    (Proposal.reject_reason == "non_finite_reward")
-                    | ((Proposal.step == 0) & Proposal.reward.is_(None))
-                )
-            ).scalar()
-            or 0
-        )
     report.duplicates = len(dupes)
     report.missing = report.steps_expected - pairs
     if report.duplicates or report.missing:
@@ -700,9 +745,8 @@ def _verify(report: Report, db: str, sessions: Any, broker: Broker) -> None:
     for kind, n in served.items():
         if report.injected[kind] and not n:
             fail(f"{kind} windows ran but the server injected no such fault")
-    nan_answers = served["nan"]
-    if report.nan_rejections > nan_answers:
-        fail(f"{report.nan_rejections} NaN rejections but only {nan_answers} NaN answers")
+    if report.nan_rejections > served["nan"]:
+        fail(f"{report.nan_rejections} NaN rejections but only {served['nan']} NaN answers")
     if plan.gen503 and not report.step_errors:
         fail("503 windows ran but no failed step attempt was recorded")
     status = cli("sweep", "status", "chaos", "--database", db, env=broker.env())
@@ -713,6 +757,35 @@ def _verify(report: Report, db: str, sessions: Any, broker: Broker) -> None:
         for kind in report.step_errors:
             if kind not in status.stdout:
                 fail(f"`sweep status` does not show the error kind {kind}")
+
+
+def _verify(report: Report, db: str, sessions: Any, broker: Broker) -> None:
+    """QAlign chains: each state is its replay, and the final states follow the exact law."""
+    fail = report.failures.append
+    plan = report.plan
+    try:
+        finals = check_invariants(db)
+    except AssertionError as exc:
+        fail(f"invariants: {exc}")
+        finals = {}
+    with sessions() as s:
+        nan_hit = set(
+            s.execute(
+                select(Proposal.chain_id).where(
+                    (Proposal.reject_reason == "non_finite_reward")
+                    | ((Proposal.step == 0) & Proposal.reward.is_(None))
+                )
+            ).scalars()
+        )
+        report.nan_rejections = int(
+            s.execute(
+                select(func.count()).where(
+                    (Proposal.reject_reason == "non_finite_reward")
+                    | ((Proposal.step == 0) & Proposal.reward.is_(None))
+                )
+            ).scalar()
+            or 0
+        )
     used = [state for cid, state in finals.items() if cid not in nan_hit]
     report.exact_chains = len(used)
     if used:
@@ -729,6 +802,52 @@ def _verify(report: Report, db: str, sessions: Any, broker: Broker) -> None:
             )
     if len(used) < plan.chains // 2:
         fail(f"only {len(used)} chains left for the exactness check")
+
+
+def crash_free_rows(cfg: dict[str, Any], tmp: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """The rows of the same sweep run in this process with no fault, on fresh toy servers and a
+    SQLite database of its own."""
+    url = f"sqlite:///{tmp / 'crash-free.sqlite'}"
+    upgrade(url)
+    sessions = make_sessionmaker(make_engine(url))
+    with (
+        serve_in_thread(ToyServerOptions(served_model_names=("toy-lm",), port=0)) as gen,
+        serve_in_thread(ToyServerOptions(served_model_names=("toy-rm",), port=0)) as rm,
+    ):
+        clean = {**cfg, "generator": {**cfg["generator"], "urls": [gen.url]},
+                 "reward": {**cfg["reward"], "urls": [rm.url]}}  # fmt: skip
+        sweep_id, _ = create_sweep(sessions, parse_config(clean))
+
+        async def go() -> None:
+            service = StepService(sessions, concurrency=32)
+            try:
+                await run_locally(service, sweep_id, progress=False)
+            finally:
+                await service.close()
+
+        asyncio.run(go())
+    return smc_rows(url, "chaos")
+
+
+def _verify_smc(report: Report, db: str, cfg: dict[str, Any], tmp: Path) -> None:
+    """SMC particles: every block and barrier stored once, and the rows of a crash-free run."""
+    fail = report.failures.append
+    rows = smc_rows(db, "chaos")
+    report.barriers = len(rows["barriers"])
+    with make_sessionmaker(make_engine(db))() as s:
+        report.finished_blocks = int(
+            s.execute(select(func.count()).where(Proposal.endpoint == FINISHED_ENDPOINT)).scalar()
+            or 0
+        )
+    try:
+        smc_complete(rows)
+    except AssertionError as exc:
+        fail(f"SMC rows incomplete: {str(exc)[:500]}")
+    reference = crash_free_rows(cfg, tmp)
+    report.same_as_crash_free = rows == reference
+    if not report.same_as_crash_free:
+        differ = [k for k in rows if rows[k] != reference[k]]
+        fail(f"the SMC rows differ from a crash-free run's in: {', '.join(differ)}")
 
 
 def record(report: Report, command: str) -> None:
@@ -762,20 +881,30 @@ def main() -> int:
     parser.add_argument(
         "--short", "--quick", action="store_true", help="the CI form (fewer faults)"
     )
+    parser.add_argument(
+        "--method",
+        choices=("qalign", "smc"),
+        default="qalign",
+        help="the sweep's method (smc: prompts of particles with resampling barriers)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--record", action="store_true", help="append to benchmarks/RESULTS.md")
     args = parser.parse_args()
-    plan = replace(SHORT if args.short else FULL, seed=args.seed)
+    plans = {("qalign", False): FULL, ("qalign", True): SHORT, ("smc", False): SMC_FULL,
+             ("smc", True): SMC_SHORT}  # fmt: skip
+    plan = replace(plans[(args.method, args.short)], seed=args.seed)
     report = run(plan)
     print(report.table())
     print("\n`qalign sweep status chaos` at the end:\n" + report.status_output)
+    flags = (" --short" if args.short else "") + (" --method smc" if args.method == "smc" else "")
     if args.record:
-        cmd = ".venv/bin/python benchmarks/chaos.py" + (" --short" if args.short else "")
+        cmd = ".venv/bin/python benchmarks/chaos.py" + flags
         record(report, cmd + (f" --seed {args.seed}" if args.seed else ""))
     out = Path(os.environ.get("QALIGN_BENCH_OUT") or ROOT / "benchmarks" / "results")
     out.mkdir(parents=True, exist_ok=True)
     doc = _jsonable({"ok": report.ok, **dataclasses.asdict(report)})
-    (out / f"chaos{'-short' if args.short else ''}.json").write_text(json.dumps(doc, indent=2))
+    name = "chaos" + ("-smc" if args.method == "smc" else "") + ("-short" if args.short else "")
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=2))
     return 0 if report.ok else 1
 
 

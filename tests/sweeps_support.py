@@ -19,7 +19,7 @@ import yaml
 from sqlalchemy import select
 
 from qalign.storage.engine import make_engine, make_sessionmaker
-from qalign.storage.models import Chain, Proposal
+from qalign.storage.models import Chain, Proposal, Run, SmcAncestry, SmcResample, Sweep
 from qalign.storage.replay import replay
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,3 +216,54 @@ def check_invariants(db_url: str) -> dict[int, tuple[int, ...]]:
         assert c.accepted_steps == accepted, (c.id, c.accepted_steps, accepted)  # status counter
         finals[c.id] = tuple(c.state_tokens)
     return finals
+
+
+def smc_rows(db_url: str, sweep: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row an SMC sweep stored, keyed by its particles' `rng_key`s (stable across sweeps
+    and databases, unlike ids): proposals with their log weights, the resampling barriers, the
+    ancestry, and each chain's final status and state. Two runs of one config with one seed
+    must give equal dicts however often they were interrupted."""
+    sessions = make_sessionmaker(make_engine(db_url))
+    with sessions() as s:
+        runs = select(Run.id).join(Sweep, Sweep.id == Run.sweep_id).where(Sweep.name == sweep)
+        chains = s.execute(select(Chain).where(Chain.run_id.in_(runs))).scalars().all()
+        key = {c.id: c.rng_key for c in chains}
+        # a prompt's barrier by its key: the chains' "grid/prompt" (see repo.create_sweep)
+        prompt = {(c.run_id, c.prompt_id): c.rng_key.rsplit("/", 1)[0] for c in chains}
+        proposals = sorted(
+            (key[p.chain_id], p.step, p.cut, tuple(p.new_tokens), p.response_len, p.text,
+             p.reward, p.log_weight, p.accepted, p.finish, p.gen_seed)
+            for p in s.execute(select(Proposal).where(Proposal.chain_id.in_(key))).scalars()
+        )  # fmt: skip
+        barriers = sorted(
+            (prompt[(r.run_id, r.prompt_id)], r.block, r.particles, r.ess, r.resampled, r.u)
+            for r in s.execute(select(SmcResample).where(SmcResample.run_id.in_(runs))).scalars()
+        )  # fmt: skip
+        ancestry = sorted(
+            (key[a.chain_id], a.block, key[a.parent_chain_id], a.log_weight,
+             tuple(a.state_tokens), a.state_reward, a.state_finish, a.state_text)
+            for a in s.execute(select(SmcAncestry).where(SmcAncestry.run_id.in_(runs))).scalars()
+        )  # fmt: skip
+        finals = sorted(
+            (c.rng_key, c.status, c.current_step, c.target_steps, tuple(c.state_tokens or ()),
+             c.state_reward, c.state_finish, c.state_text)
+            for c in chains
+        )  # fmt: skip
+    return {"proposals": proposals, "barriers": barriers, "ancestry": ancestry, "chains": finals}
+
+
+def smc_complete(rows: dict[str, list[tuple[Any, ...]]]) -> None:
+    """Nothing lost, nothing twice: one proposal per (particle, block), one barrier per
+    (prompt, block) but the last, one ancestry row per (particle, block) after the first."""
+    finals = rows["chains"]
+    assert finals and all(c[1] == "done" for c in finals), [c[:3] for c in finals]
+    blocks = {c[0]: c[3] + 1 for c in finals}
+    steps = [(p[0], p[1]) for p in rows["proposals"]]
+    assert steps == sorted((k, t) for k, n in blocks.items() for t in range(n))
+    prompts = {k.rsplit("/", 1)[0]: n for k, n in blocks.items()}
+    assert [(b[0], b[1]) for b in rows["barriers"]] == sorted(
+        (p, t) for p, n in prompts.items() for t in range(n - 1)
+    )
+    assert [(a[0], a[1]) for a in rows["ancestry"]] == sorted(
+        (k, t) for k, n in blocks.items() for t in range(1, n)
+    )

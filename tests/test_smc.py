@@ -23,8 +23,10 @@ from qalign.core.smc import (
     resample_uniform,
     systematic,
 )
+from qalign.dispatch.inprocess import InProcessDispatcher
 from qalign.scheduler.local import run_locally
-from qalign.scheduler.sweeps import create_sweep
+from qalign.scheduler.sweeps import create_sweep, reap
+from qalign.steps.drive import drive, follow
 from qalign.steps.outcome import Result
 from qalign.steps.service import StepService
 from qalign.storage import ensure_schema, make_engine, make_sessionmaker
@@ -327,3 +329,141 @@ def test_the_readme_genealogy_query_traces_every_final_particle(finished: tuple[
             assert anc[(chain, block)] == parent
         for (_, _, parent), (_, nxt, _) in itertools.pairwise(line):
             assert parent == nxt  # each block's parent is the particle one block earlier
+
+
+@pytest.mark.parametrize("died", ["before the barrier", "after the barrier"])
+def test_particles_waiting_for_a_dead_process_are_brought_back_by_the_reaper(
+    finished: tuple[str, Any], servers: Any, tmp_path: Path, died: str
+) -> None:
+    """Five particles wait at the barrier after block 0; the process of the sixth dies either
+    right after committing its block 0 (nobody runs the barrier) or right after running the
+    barrier (its wake-ups are lost). `qalign sweep reap`'s hints bring every waiting particle
+    back, and the sweep ends with the uninterrupted run's rows."""
+    _, whole = finished
+    sessions = _open(f"sqlite:///{tmp_path / 'reaped.sqlite'}")
+    create_sweep(sessions, parse_config(_smc_sweep("smc-a", *servers)))
+    service = StepService(sessions)
+    with sessions() as s:
+        ids = list(s.execute(select(Chain.id).order_by(Chain.id)).scalars())
+    waiting, last = ids[:5], ids[5]
+
+    class Hints:
+        """The reaper's broker: keeps the hints for the test to run."""
+
+        def __init__(self) -> None:
+            self.sent: list[tuple[int, int]] = []
+
+        def enqueue(self, chain_id: int, step: int, countdown: float | None = None) -> None:
+            self.sent.append((chain_id, step))
+
+        def enqueue_many(self, items: Any) -> int:
+            items = list(items)
+            self.sent += items
+            return len(items)
+
+    async def crash_then_reap() -> list[tuple[int, int]]:
+        for cid in waiting:
+            assert (await service.take(cid, 0)).result is Result.COMMITTED
+            assert (await service.take(cid, 1)).result is Result.WAITING
+        assert (await service.take(last, 0)).result is Result.COMMITTED
+        if died == "after the barrier":
+            out = await service.take(last, 1)
+            assert out.result is Result.COMMITTED and {c for c, _ in out.wake} == set(waiting)
+        # ... and the process dies here: nothing of it runs on, nothing it would hand on is sent
+        hints = Hints()
+        assert reap(sessions, hints, 0.0) == len(ids)
+
+        async def handle(chain_id: int, step: int, ready_at: float) -> None:
+            _, nxt = await drive(service, chain_id, step, on_wake=runner.enqueue_many)
+            follow(runner, chain_id, nxt)
+
+        runner = InProcessDispatcher(handle)  # the new process that takes the reaped hints
+        runner.enqueue_many(hints.sent)
+        try:
+            await runner.join()
+        finally:
+            await service.close()
+        return hints.sent
+
+    sent = asyncio.run(crash_then_reap())
+    assert {(cid, 1) for cid in waiting} <= set(sent)
+    with sessions() as s:
+        assert len(s.execute(select(SmcResample)).all()) == 3 * (block_count(4, 1) - 1)
+    assert _rows(sessions) == whole
+
+
+def test_a_particle_revived_after_its_siblings_went_on_fails_with_a_reason(
+    servers: Any, tmp_path: Path
+) -> None:
+    """A particle that failed for good drops out of the next barrier; revived later
+    (`--retry-failed`), it has no lineage to continue: it fails again at once, with a reason,
+    and the run goes on (no exception out of the runner)."""
+    from qalign.storage import repo
+
+    sessions = _open(f"sqlite:///{tmp_path / 'revived.sqlite'}")
+    sweep_id, _ = create_sweep(sessions, parse_config(_smc_sweep("smc-a", *servers)))
+    service = StepService(sessions)
+    with sessions() as s:
+        dropped = s.execute(select(Chain.id).order_by(Chain.id)).scalars().first()
+    assert dropped is not None
+
+    async def go() -> None:
+        try:
+            assert (await service.take(dropped, 0)).result is Result.COMMITTED
+            assert repo.record_failure(sessions, dropped, 1, "ServerError: gone", 1)[0] == "failed"
+            await run_locally(service, sweep_id, progress=False)
+            await run_locally(service, sweep_id, retry_failed=True, progress=False)
+        finally:
+            await service.close()
+
+    asyncio.run(go())
+    with sessions() as s:
+        chains = s.execute(select(Chain)).scalars().all()
+        by_status = {c.id: c.status for c in chains}
+        lost = s.get(Chain, dropped)
+        assert lost is not None and lost.last_error is not None
+        assert "SMCLineageError" in lost.last_error and "--retry-failed" in lost.last_error
+        first_barrier = s.execute(
+            select(SmcResample).where(SmcResample.prompt_id == lost.prompt_id,
+                                      SmcResample.block == 0)
+        ).scalar_one()  # fmt: skip
+    assert by_status.pop(dropped) == "failed"
+    assert set(by_status.values()) == {"done"}
+    assert first_barrier.particles == 5  # resampled among the live particles only
+
+
+def test_siblings_waiting_for_a_revived_particle_are_woken_when_it_drops_out(
+    servers: Any, tmp_path: Path
+) -> None:
+    """Revived mid-run, the particle is live and behind, so its siblings wait for it at the next
+    barrier; when it finds it has no lineage it fails and hands them on."""
+    from qalign.storage import repo
+
+    sessions = _open(f"sqlite:///{tmp_path / 'revived.sqlite'}")
+    sweep_id, _ = create_sweep(sessions, parse_config(_smc_sweep("smc-a", *servers)))
+    service = StepService(sessions)
+    with sessions() as s:
+        dropped, *sibs = s.execute(select(Chain.id).order_by(Chain.id).limit(6)).scalars()
+
+    async def go() -> Any:
+        try:
+            assert (await service.take(dropped, 0)).result is Result.COMMITTED
+            assert repo.record_failure(sessions, dropped, 1, "ServerError: gone", 1)[0] == "failed"
+            for step in (0, 1):  # the barrier after block 0 runs without the failed particle
+                for cid in sibs:
+                    assert (await service.take(cid, step)).result is Result.COMMITTED
+            repo.unfinished_chains(sessions, sweep_id, retry_failed=True)  # revived
+            for cid in sibs:
+                assert (await service.take(cid, 2)).result is Result.WAITING
+            out = await service.take(dropped, 1)
+            await run_locally(service, sweep_id, progress=False)
+            return out
+        finally:
+            await service.close()
+
+    out = asyncio.run(go())
+    assert out.result is Result.FAILED and out.chain_status == "failed"
+    assert sorted(out.wake) == [(cid, 2) for cid in sibs]
+    with sessions() as s:
+        statuses = dict(s.execute(select(Chain.id, Chain.status)).all())
+    assert statuses.pop(dropped) == "failed" and set(statuses.values()) == {"done"}

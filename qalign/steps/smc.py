@@ -58,13 +58,32 @@ def barrier(
     store.record_barrier(sessions, decision)
     found = store.ancestor(sessions, chain.chain_id, at + 1)
     if found is None:
-        # This chain was not live when the barrier ran (it failed, then was retried by hand):
-        # it has no lineage to continue.
-        raise LookupError(f"chain {chain.chain_id} has no SMC ancestry for block {at + 1}")
+        return _dropped_out(sessions, chain, at), None, ()
     wake = tuple(
         (s.chain_id, at + 1) for s in live if s.chain_id != chain.chain_id and s.current_step == at
     )
     return None, _start(found), wake
+
+
+def _dropped_out(sessions: repo.Sessions, chain: repo.ChainRow, at: int) -> Outcome:
+    """Fail a particle for good that the barrier after block `at` ran without.
+
+    It had failed for good before the barrier and was revived (`--retry-failed`): its siblings
+    were resampled among themselves and went on, so it has no lineage to continue. Recorded as
+    the chain's failure, not raised: one chain's history must not stop a runner.
+    """
+    message = (
+        f"SMCLineageError: particle {chain.chain_id} had failed for good when its prompt's "
+        f"resampling after block {at} ran, so its siblings went on without it and it has no "
+        "ancestry to continue from; --retry-failed cannot revive it (run the prompt again in a "
+        "new sweep)"
+    )
+    status, attempts = repo.record_failure(sessions, chain.chain_id, at + 1, message, 1)
+    # Revived, it counted as live: siblings at a later barrier may be waiting for it. (In the
+    # outcome itself: a gate's outcome is returned as it is.)
+    return Outcome(chain.chain_id, at + 1, Result.FAILED, chain_status=status, attempts=attempts,
+                   error=message, run_id=chain.run_id,
+                   wake=released_by_failure(sessions, chain))  # fmt: skip
 
 
 def released_by_failure(sessions: repo.Sessions, chain: repo.ChainRow) -> Wake:
