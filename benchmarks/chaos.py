@@ -452,8 +452,14 @@ def services() -> Iterator[tuple[PrivatePostgres, PrivateRedis]]:
         pg.start()
         rd.start()
         yield pg, rd
-    finally:
+    except BaseException:
         rd.kill()
+        print(f"redis log kept for inspection: {rd.log}", file=sys.stderr)
+        raise
+    else:
+        rd.kill()
+        rd.log.unlink(missing_ok=True)  # a clean run leaves nothing in the temp folder
+    finally:
         pg.destroy()
 
 
