@@ -201,7 +201,7 @@ class Report:
             ("Redis killed and restarted (queue and unacked lost)", f"{self.injected['redis']}"),
             ("PostgreSQL restarted (immediate / fast shutdown)", f"{self.injected['postgres']}"),
             (
-                f"generator 503 windows (≥ {p.window:.0f} s, until one is served)",
+                f"generator 503 windows (≥ {p.window:.0f} s, until a step attempt failed)",
                 f"{self.injected['gen503']} ({gen.get('error', 0)} requests answered 503)",
             ),
             (
@@ -463,6 +463,14 @@ def services() -> Iterator[tuple[PrivatePostgres, PrivateRedis]]:
         pg.destroy()
 
 
+def _step_errors(sessions: Any) -> int:
+    """Failed step attempts recorded so far (-1 while the database is unreachable)."""
+    try:
+        return _count(sessions, select(func.count()).select_from(StepError))
+    except SQLAlchemyError:
+        return -1
+
+
 def _count(sessions: Any, stmt: Any) -> int:
     with sessions() as s:
         return int(s.execute(stmt).scalar() or 0)
@@ -518,8 +526,9 @@ def run(plan: Plan, log: Any = print) -> Report:
         todo = [k for k in KINDS for _ in range(getattr(plan, k))]
         rng.shuffle(todo)
         marks = sorted(rng.uniform(0.04, 0.8) * report.steps_expected for _ in todo)
-        # (ends at, url, reset, fault counter, its value when the window opened)
-        windows: list[tuple[float, str, dict[str, float], str, int]] = []
+        # (ends at, url, reset, fault counter, its value when the window opened, and for 503
+        # windows the step_errors rows then)
+        windows: list[tuple[float, str, dict[str, float], str, int, int | None]] = []
         last_event = 0.0
         committed = 0
         done = 0
@@ -529,13 +538,19 @@ def run(plan: Plan, log: Any = print) -> Report:
                 time.sleep(0.25)
                 now = time.monotonic()
                 for window in list(windows):
-                    end, url, reset, key, before = window
+                    end, url, reset, key, before, errors_before = window
                     # A window closes only once the server has served at least one fault of its
                     # kind: on a loaded machine a few seconds can pass with no request at all
                     # (workers restarting, every request of the moment hung), and a window that
-                    # injected nothing proves nothing. The cap keeps a dead path from stalling.
+                    # injected nothing proves nothing. A 503 window also waits for a failed step
+                    # attempt: the client's own retries can absorb a few 503s. The cap keeps a
+                    # dead path from stalling.
                     if now >= end and (
-                        injected(url).get(key, 0) > before or now >= end + WINDOW_CAP
+                        now >= end + WINDOW_CAP
+                        or (
+                            injected(url).get(key, 0) > before
+                            and (errors_before is None or _step_errors(sessions) > errors_before)
+                        )
                     ):
                         set_faults(url, **reset)
                         windows.remove(window)
@@ -572,9 +587,11 @@ def run(plan: Plan, log: Any = print) -> Report:
                     report.injected[kind] += 1
                     msg = _inject(kind, rng, plan, alive, dead, spawn, rd, pg, gen.url, rm.url)
                     if msg.get("window"):
+                        errors_before = _step_errors(sessions) if kind == "gen503" else None
                         windows.append(
-                            (now + plan.window, msg["url"], msg["reset"], msg["key"], msg["before"])
-                        )
+                            (now + plan.window, msg["url"], msg["reset"], msg["key"],
+                             msg["before"], errors_before)
+                        )  # fmt: skip
                     line = f"{now - start:6.1f}s {committed:>5} steps: {kind} {msg.get('what', '')}"
                     report.events.append(line)
                     log(line)
