@@ -49,6 +49,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
+from machine import cpu_model  # noqa: E402  (benchmarks/ is the script folder)
+
 from qalign.tasks.checkers import (  # noqa: E402
     check_choice,
     check_gsm8k,
@@ -469,7 +471,7 @@ def main() -> None:
     ap.add_argument("--per-prompt", type=int, help="IFEval responses per prompt (default 24)")
     args = ap.parse_args()
     started = time.perf_counter()
-    doc: dict[str, Any] = {"cpu": _cpu(), "command": " ".join(sys.argv)}
+    doc: dict[str, Any] = {"cpu": cpu_model(), "command": " ".join(sys.argv)}
 
     doc["corpus"] = corpus_part()
     for name, c in doc["corpus"]["classes"].items():
@@ -505,16 +507,6 @@ def main() -> None:
     out = OUT / f"checkers_agreement{'-quick' if args.quick else ''}.json"
     out.write_text(json.dumps(doc, indent=1, ensure_ascii=False))
     print(f"wrote {out}")
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import asyncio
 import atexit
 import json
 import os
-import platform
 import random
 import shutil
 import signal
@@ -31,6 +30,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from machine import cpu_model
 from sqlalchemy import func, select
 
 from qalign.config import parse_config
@@ -153,18 +153,8 @@ def run(prompts: int, chains: int, steps: int, stop_when: dict[str, Any]) -> dic
         "stop_when_run": stopped | {"seconds": seconds["stop_when"]},
         "steps_ratio": stopped["steps_taken"] / fixed["steps_taken"],
         "within_fixed_ci": low <= stopped["accuracy"] <= high,
-        "cpu": _cpu(),
+        "cpu": cpu_model(),
     }
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
