@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from yaml.events import AliasEvent, CollectionStartEvent
 from yaml.nodes import CollectionNode, MappingNode, Node
 
@@ -226,6 +234,22 @@ class DatasetConfig(_Strict):
     prompt_field: str = "question"
     answer_field: str | None = "answer"
     system_prompt: str | None = None
+    # the folder of the YAML file the config came from; not part of the sweep's identity, so a
+    # sweep resumes from another working directory (or container) with the same fingerprint
+    _base_dir: Path | None = PrivateAttr(default=None)
+
+    def resolved_path(self) -> str | None:
+        """`path` as given, or next to the YAML file when a relative path names a file there.
+
+        A relative path that exists beside the config file wins; anything else (an absolute
+        path, a path relative to the working directory, a hub dataset id) is used as written.
+        """
+        if self.path is None:
+            return None
+        p = Path(self.path).expanduser()
+        if not p.is_absolute() and self._base_dir is not None and (self._base_dir / p).exists():
+            return str(self._base_dir / p)
+        return str(p) if p.exists() else self.path
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetConfig:
@@ -689,7 +713,9 @@ def load_config(path: str | os.PathLike[str]) -> SweepConfig:
         raise ConfigError(f"{p} holds a value YAML cannot construct: {exc}") from None
     except RecursionError:
         raise ConfigError(f"{p} is nested too deeply to be a sweep config") from None
-    return parse_config(data, str(p))
+    cfg = parse_config(data, str(p))
+    cfg.dataset._base_dir = p.resolve().parent
+    return cfg
 
 
 def _load_yaml(text: str) -> Any:

@@ -30,8 +30,9 @@ def _messages(cfg: DatasetConfig, question: str) -> list[dict[str, str]]:
 def _load_rows(cfg: DatasetConfig) -> list[dict[str, Any]]:
     import datasets
 
-    assert cfg.path is not None
-    path = Path(cfg.path)
+    where = cfg.resolved_path()
+    assert where is not None
+    path = Path(where)
     try:
         if path.exists():
             builder = _FORMATS.get(path.suffix.lower())
@@ -42,7 +43,7 @@ def _load_rows(cfg: DatasetConfig) -> list[dict[str, Any]]:
                 )
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         else:
-            ds = datasets.load_dataset(cfg.path, split=cfg.split or "test")
+            ds = datasets.load_dataset(where, split=cfg.split or "test")
     except ConfigError:
         raise
     except Exception as exc:
@@ -62,7 +63,7 @@ def _task_prompts(cfg: DatasetConfig) -> list[PromptRow]:
         raise ConfigError(f"dataset.options: {exc}") from None
     try:
         items = task.load(
-            cfg.path, subset=cfg.subset, split=cfg.split, limit=cfg.limit,
+            cfg.resolved_path(), subset=cfg.subset, split=cfg.split, limit=cfg.limit,
             shuffle_seed=cfg.shuffle_seed,
         )  # fmt: skip
     except (OSError, ValueError, KeyError) as exc:

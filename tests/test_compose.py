@@ -1,73 +1,77 @@
-"""docker-compose.yml is checked without a Docker engine: commands exist, env names are read."""
+"""docker-compose.yml agrees with itself, with the CLI and with its example sweep."""
 
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
+from typing import Any
 
 import yaml
 from click.testing import CliRunner
 
 from qalign.cli import main
+from qalign.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-SERVICES = COMPOSE["services"]
+COMPOSE = ROOT / "docker-compose.yml"
+EXAMPLE = ROOT / "examples" / "compose-sweep.yaml"
 
 
-def test_required_services_exist():
-    for name in (
-        "redis",
-        "postgres",
-        "migrate",
-        "worker",
-        "reaper",
-        "flower",
-        "generator",
-        "reward",
-    ):
-        assert name in SERVICES, name
-    assert SERVICES["generator"]["profiles"] == ["gpu"]
-    assert SERVICES["reward"]["profiles"] == ["gpu"]
-    assert "--scale" not in str(SERVICES["worker"])  # scaled from the command line
-    assert SERVICES["migrate"]["restart"] == "no"
+def compose() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return doc
 
 
-def test_every_qalign_command_is_a_real_cli_command():
-    runner = CliRunner()
-    checked = 0
-    for name, svc in SERVICES.items():
-        cmd = svc.get("command")
-        if not cmd or cmd[0] != "qalign":
-            continue
-        args = [a for a in cmd[1:]]
-        # walk subcommands, then make click parse the options with --help appended
-        out = runner.invoke(main, [*args, "--help"])
-        assert out.exit_code == 0, (name, out.output)
-        ctx_args = [a for a in args if not a.startswith("-")]
-        assert ctx_args, name
-        checked += 1
-        # options given must be options the command declares
-        for opt in (a for a in args if a.startswith("--")):
-            assert opt in out.output, (name, opt)
-    assert checked >= 3
+def seconds(value: str) -> float:
+    m = re.fullmatch(r"(\d+)(s|m)", value)
+    assert m, value
+    return int(m[1]) * (60 if m[2] == "m" else 1)
 
 
-def test_env_names_match_what_the_code_reads():
-    code = "\n".join(p.read_text() for p in (ROOT / "qalign").rglob("*.py"))
-    read = set(re.findall(r"QALIGN_[A-Z_]+", code))
-    for name, svc in SERVICES.items():
-        for key in svc.get("environment", {}) or {}:
-            if key.startswith("QALIGN_"):
-                assert key in read, (name, key)
-    anchors = COMPOSE["x-qalign"]["environment"]
-    assert {"QALIGN_DATABASE_URL", "QALIGN_BROKER_URL"} <= set(anchors)
+def test_usage_lines_name_real_services_commands_and_files():
+    services = compose()["services"]
+    lines = [
+        ln.lstrip("# ").strip()
+        for ln in COMPOSE.read_text().splitlines()
+        if ln.lstrip("# ").startswith("docker compose")
+    ]
+    runs = [ln for ln in lines if " run " in ln]
+    assert runs, "docker-compose.yml shows how to create and run a sweep"
+    name = load_config(EXAMPLE).name
+    for line in runs:
+        args = shlex.split(line)
+        service, command = args[args.index("--rm") + 1], args[args.index("--rm") + 2 :]
+        assert service in services, line
+        assert command[0] == "qalign", f"the image has no entrypoint: {line}"
+        for arg in command[1:]:
+            if arg.endswith(".yaml"):
+                assert (ROOT / arg).exists(), line  # the repository is mounted at /work
+            elif not arg.startswith("-") and arg not in ("sweep", "create", "run", "status"):
+                assert arg == name, line
+        out = CliRunner().invoke(main, [*[a for a in command[1:3]], "--help"])
+        assert out.exit_code == 0, (line, out.output)
 
 
-def test_gpu_services_use_real_vllm_flags():
-    gen = SERVICES["generator"]["command"]
-    rm = SERVICES["reward"]["command"]
-    assert gen[0] == "meta-llama/Llama-3.1-8B-Instruct"
-    assert rm[0] == "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2"
-    assert "--runner" in rm and "pooling" in rm and "classify" in rm
-    assert SERVICES["worker"]["environment"]["QALIGN_BROKER_URL"].startswith("redis://redis")
+def test_workers_outlast_a_generator_request_and_gpus_are_distinct():
+    services = compose()["services"]
+    timeout = load_config(EXAMPLE).generator.timeout
+    assert seconds(services["worker"]["stop_grace_period"]) > timeout
+    devices = [
+        tuple(d["device_ids"])
+        for s in ("generator", "reward")
+        for d in services[s]["deploy"]["resources"]["reservations"]["devices"]
+    ]
+    assert len(devices) == 2 and len(set(devices)) == 2 and all(devices)
+
+
+def test_example_sweep_points_at_the_compose_services():
+    services = compose()["services"]
+    cfg = load_config(EXAMPLE)
+    for section, service in ((cfg.generator, "generator"), (cfg.reward, "reward")):
+        assert section is not None
+        (url,) = section.urls
+        m = re.fullmatch(r"http://([\w-]+):(\d+)", url)
+        assert m and m[1] == service, url
+        command = services[service]["command"]
+        assert command[command.index("--port") + 1] == m[2], (service, url)

@@ -305,3 +305,39 @@ def test_sweeps_without_alpha_keep_their_fingerprint():
     """Pinned from before `alpha` existed: resuming an old sweep must still find it."""
     cfg = parse_config(sweep_config("qa", "http://a:1", "http://b:2"))
     assert cfg.fingerprint() == "7139cc4830dca1beb09a10252f12bf6566720f7cbcf704a73e5c128cc4eed2cc"
+
+
+def test_a_relative_dataset_path_resolves_beside_the_yaml_file(
+    sqlite_url, tmp_path, toy, monkeypatch
+):
+    """`dataset.path: prompts.jsonl` is the file next to the YAML, from any working directory,
+    and the sweep's fingerprint stays the one of the path as written."""
+    here = tmp_path / "configs"
+    here.mkdir()
+    rows = [{"question": f"is {i} even?", "answer": "yes"} for i in range(3)]
+    (here / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = sweep_config("relpath", *toy, prompts=1, beta=1.0, steps=1, chains=1)
+    cfg["dataset"] = {"path": "prompts.jsonl"}
+    written = write_config(here, cfg)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = load_config(written)
+    assert loaded.dataset.resolved_path() == str(here / "prompts.jsonl")
+    assert loaded.fingerprint() == parse_config(cfg).fingerprint()
+    upgrade(sqlite_url)
+    out = CliRunner().invoke(main, ["sweep", "create", str(written), "--database", sqlite_url])
+    assert out.exit_code == 0, out.output
+    engine = make_engine(sqlite_url)
+    try:
+        with make_sessionmaker(engine)() as s:
+            from qalign.storage.models import Prompt
+
+            texts = [m for (m,) in s.execute(select(Prompt.messages)).all()]
+    finally:
+        engine.dispose()
+    assert len(texts) == 3 and "is 0 even?" in json.dumps(texts)
+    # A path that is not beside the YAML file is used as written (relative to the working dir).
+    (elsewhere / "cwd.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    cfg["dataset"] = {"path": "cwd.jsonl"}
+    assert load_config(write_config(here, cfg)).dataset.resolved_path() == "cwd.jsonl"
