@@ -518,7 +518,7 @@ def main() -> None:
     args = ap.parse_args()
     prompts = args.prompts or (10 if args.quick else 100)
     per_prompt = args.chains_per_prompt or (20 if args.quick else 50)
-    steps = args.steps or (24 if args.quick else 50)
+    steps = args.steps or (40 if args.quick else 50)
     budget = args.real_seconds or (5.0 if args.quick else 600.0)
     reps = args.reps if not args.quick else min(args.reps, 3)
     n_chains = 2 * prompts * per_prompt
@@ -572,7 +572,9 @@ def main() -> None:
             # Stop before any chain takes its last step, so `resume` finds every chain unfinished.
             # (A Celery task runs up to 16 steps of its chain before requeueing it, so a sweep
             # needs well over 16 steps for every chain to have moved when the first one is near
-            # its end: hence 24 steps even in --quick.)
+            # its end: hence 40 steps even in --quick, so the first chain reaches its end only in
+            # its third task, after every chain's first task was taken off the FIFO queue; with
+            # 24, a loaded machine once had a chain at step 23 and another still at step 0.)
             p1 = drive(
                 conn,
                 workers,
