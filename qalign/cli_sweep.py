@@ -75,6 +75,8 @@ def _failure_reasons(sessions: Any, sweep_id: int) -> dict[int, list[dict[str, A
 
 
 def _status_rows(sessions: Any, sweep_id: int, *, diagnostics: bool = True) -> list[dict[str, Any]]:
+    from qalign.analysis.progress import eta as time_left
+    from qalign.analysis.progress import throughput as steps_per_s
     from qalign.storage import repo
 
     now = dt.datetime.now(dt.UTC)
@@ -83,26 +85,10 @@ def _status_rows(sessions: Any, sweep_id: int, *, diagnostics: bool = True) -> l
     rows = []
     for r in repo.sweep_status(sessions, sweep_id):
         diag = _diagnostics(sessions, r.run_id, r.method) if diagnostics else None
-        elapsed = None
-        if r.first_at is not None and r.last_at is not None:
-            first = r.first_at if r.first_at.tzinfo else r.first_at.replace(tzinfo=dt.UTC)
-            last = r.last_at if r.last_at.tzinfo else r.last_at.replace(tzinfo=dt.UTC)
-            elapsed = max((last - first).total_seconds(), 1e-9)
-        done = r.steps_done
-        if r.extended_at is not None and r.last_at is not None:
-            # After an extension, the steps since it over the time since it: the pause between
-            # the end of the first steps and the extension is no step's time.
-            ext = r.extended_at if r.extended_at.tzinfo else r.extended_at.replace(tzinfo=dt.UTC)
-            last = r.last_at if r.last_at.tzinfo else r.last_at.replace(tzinfo=dt.UTC)
-            elapsed = (last - ext).total_seconds() if last > ext else None
-            done = r.steps_done - r.steps_done_at_extension
-        throughput = (done / elapsed) if elapsed and done > 1 else None
-        remaining = r.steps_total - r.steps_done
-        eta = (
-            remaining / throughput
-            if throughput and remaining > 0
-            else (0.0 if not remaining else None)
+        throughput = steps_per_s(
+            r.steps_done, r.first_at, r.last_at, r.extended_at, r.steps_done_at_extension
         )
+        eta = time_left(r.steps_total - r.steps_done, throughput)
         rows.append(
             {
                 "run_id": r.run_id,

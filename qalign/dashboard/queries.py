@@ -3,12 +3,13 @@ every proposal (that is `analysis.py`'s job, off the request path)."""
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import case, func, select
 
+from qalign.analysis.progress import eta, throughput
+from qalign.analysis.progress import utc as _utc
 from qalign.storage import repo
 from qalign.storage.models import Chain, ChainStatus, Prompt, Proposal, Run, StepError, Sweep
 from qalign.storage.repo import Sessions, finite_mean, finite_mean_columns
@@ -30,35 +31,6 @@ _FINISHED = case(
     (Chain.status.in_((ChainStatus.DONE.value, ChainStatus.CONVERGED.value)), 1), else_=0
 )
 _TARGET = case((_CONVERGED, Chain.current_step + 1), else_=Chain.target_steps + 1)
-
-
-def _utc(t: dt.datetime | None) -> dt.datetime | None:
-    return None if t is None else (t if t.tzinfo else t.replace(tzinfo=dt.UTC))
-
-
-def throughput(
-    done: int,
-    first: dt.datetime | None,
-    last: dt.datetime | None,
-    extended_at: dt.datetime | None = None,
-    done_at_extension: int = 0,
-) -> float | None:
-    """Steps per second as `qalign sweep status` computes them (after an extension: since it)."""
-    first, last, extended_at = _utc(first), _utc(last), _utc(extended_at)
-    if first is None or last is None:
-        return None
-    elapsed: float | None = max((last - first).total_seconds(), 1e-9)
-    if extended_at is not None:
-        # The pause between the end of the first steps and the extension is no step's time.
-        elapsed = (last - extended_at).total_seconds() if last > extended_at else None
-        done -= done_at_extension
-    return done / elapsed if elapsed and done > 1 else None
-
-
-def eta(remaining: int, rate: float | None) -> float | None:
-    if remaining <= 0:
-        return 0.0
-    return remaining / rate if rate else None
 
 
 def sweeps_overview(sessions: Sessions) -> list[dict[str, Any]]:
