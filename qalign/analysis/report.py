@@ -371,6 +371,15 @@ def _plot_error_vs_compute(curves_: Sequence[Curve], path: Path, title: str) -> 
     _plot_error_vs(curves_, path, title, _x, xlabel)
 
 
+def _plottable(c: Curve, x: Callable[[P.Point], float | None]) -> list[tuple[float, P.Point]]:
+    """The curve's points a log-scaled cost axis can show: a positive cost, a finite accuracy."""
+    return [
+        (xv, p)
+        for p in c.points
+        if (xv := x(p)) is not None and xv > 0 and math.isfinite(p.accuracy)
+    ]
+
+
 def _plot_error_vs(
     curves_: Sequence[Curve],
     path: Path,
@@ -385,11 +394,7 @@ def _plot_error_vs(
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for c in curves_:
-        pts = [
-            (xv, p)
-            for p in c.points
-            if (xv := x(p)) is not None and xv > 0 and math.isfinite(p.accuracy)
-        ]
+        pts = _plottable(c, x)
         if not pts:
             continue
         xs = [xv for xv, _ in pts]
@@ -483,11 +488,7 @@ def _plot_comparison(curves_: Sequence[Curve], path: Path, title: str) -> list[s
     for ax, key in zip(panels[0], axes, strict=True):
         _, xlabel, x = next(a for a in COST_AXES if a[0] == key)
         for c in curves_:
-            pts = [
-                (xv, p)
-                for p in c.points
-                if (xv := x(p)) is not None and xv > 0 and math.isfinite(p.accuracy)
-            ]
+            pts = _plottable(c, x)
             if not pts:
                 continue
             ax.plot(
