@@ -1,4 +1,4 @@
-"""Server saturation (issue 5, item 1): achieved steps/s as a share of the toy server's ceiling.
+"""Server saturation: steps/s against the toy server's ceiling, a bare client and the reference.
 
 A toy generator server with a capacity of C concurrent sequences and a latency model (each
 sequence holds a slot for `latency_base + latency_per_token * generated tokens`) has a known
@@ -7,25 +7,31 @@ ceiling: with every slot always busy it completes
     ceiling = C / (latency_base + latency_per_token * mean generated tokens per step)   steps/s
 
 A step is one generation on that server plus one reward call on a separate, zero-latency toy
-reward server. The mean generated-token count is measured from the run's own stored proposals
-(`proposals.gen_tokens`, over the same steady-state window as the throughput), so the ceiling
-is the one for exactly the workload that ran. (The toy LM's exact expected length of the initial
-sample, from `ToyModel.lm_distribution`, is reported alongside as a sanity check.)
+reward server. The mean generated-token count is the generator's own count over the
+measurement (`/metrics`: generated tokens / sequences), so the ceiling is the one for exactly
+the workload that ran.
 
-Achieved steps/s is measured in steady state: the committed-step count between the 10 % and the
-90 % marks of `proposals.created_at`, divided by the time between them (start-up and the tail of
-the last chains are excluded). A fully server-bound run reads about 1.02, not 1.00: the window's
-ratio carries a ~2 % bias/noise (the 256 chains start in lock-step, so completions come in waves).
-Modes:
+Every figure is a whole-span figure, timed alike for every client by the servers themselves:
+all steps (chains x (steps + 1)) divided by the seconds from the first request either server
+received to the last answer either sent (the toy servers' `first_request_at` /
+`last_response_at`, reset before each measurement). Start-up probes, the prompt's templating,
+the last chains' tail: all inside. For the modes that store proposals, the old steady-state
+figure (committed steps between the 10 % and 90 % marks of `proposals.created_at`) is kept
+beside it as `window`.
 
-* `run`       -- `qalign run CONFIG` (SQLite, embedded local runner, --concurrency 4*C)
-* `celery-1`  -- one `qalign worker` process (thread pool, --concurrency 2*C) on PostgreSQL + Redis
-* `celery-2`  -- two such worker processes
+Modes, measured in turn within each repetition (so each comparison is within one run):
+
+* `bare`       -- `benchmarks/bare_client.py`: the same requests per step from a minimal aiohttp
+                  loop that persists nothing (the baseline for client overhead)
+* `reference`  -- the reference implementation (`quest-alignment` from PyPI, in its own cached
+                  venv; see benchmarks/reference.py), when it can be installed here
+* `run`        -- `qalign run CONFIG` (SQLite, embedded runner, --concurrency 4*C)
+* `celery-N`   -- N `qalign worker` processes (thread pool, --concurrency 2*C) on PostgreSQL +
+                  Redis, every step persisted
 
 Each toy server runs in its own process (as a GPU server would), and every client is a
-subprocess through the CLI, so the figures include the product's own CLI paths. Every
-measurement uses a fresh database (SQLite file or a new PostgreSQL database) and an isolated
-Redis queue (QALIGN_QUEUE).
+subprocess, so the figures include the clients' own start-up. Every measurement uses a fresh
+database (SQLite file or a new PostgreSQL database) and an isolated Redis queue.
 
 Run: `.venv/bin/python benchmarks/saturation.py [--quick]`; prints a Markdown table and writes
 benchmarks/results/saturation[-quick].json.
@@ -48,11 +54,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
 import yaml
+from machine import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(os.environ.get("QALIGN_BENCH_OUT") or Path(__file__).resolve().parent / "results")
@@ -65,13 +73,12 @@ PROFILES = {
     "realistic": {"capacity": CAPACITY, "latency_base": 0.2, "latency_per_token": 0.02},
     "fast": {"capacity": CAPACITY, "latency_base": 0.02, "latency_per_token": 0.005},
 }
-TARGETS = {  # share of the ceiling (issue 5)
-    ("realistic", "run"): 0.9,
-    ("realistic", "celery"): 0.9,
-    ("fast", "run"): 0.5,
-    ("fast", "celery"): 0.25,
-}
-REFERENCE = {"realistic": 0.66, "fast": 0.25}  # the original implementation (persists nothing)
+# Targets (issue 14): on the realistic profile, whole-span share of the ceiling; on the fast
+# (client-bound) profile, share of the bare client measured in the same repetition, and
+# multiple of the reference implementation measured in the same repetition.
+CEILING_TARGETS = {("realistic", "run"): 0.9, ("realistic", "celery-1"): 0.9}
+BARE_TARGETS = {("fast", "run"): 0.8, ("fast", "celery-1"): 0.5}
+REFERENCE_TARGETS = {("fast", "run"): 1.5}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -95,6 +102,19 @@ class ServerProc:
         if not self.conn.poll(60):
             raise RuntimeError("toy server did not start")
         self.url: str = self.conn.recv()
+
+    def _call(self, method: str, path: str) -> dict[str, Any]:
+        req = urllib.request.Request(
+            self.url + path, method=method, data=b"" if method == "POST" else None
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())  # type: ignore[no-any-return]
+
+    def metrics(self) -> dict[str, Any]:
+        return self._call("GET", "/metrics")
+
+    def reset(self) -> None:
+        self._call("POST", "/admin/metrics/reset")
 
     def stop(self) -> None:
         with contextlib.suppress(OSError):
@@ -291,6 +311,88 @@ def measure_celery(
         pg_drop(dbname)
 
 
+def measure_bare(gen: str, rm: str, chains: int, steps: int, max_new: int) -> dict[str, Any]:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bare_client.py"), "--gen", gen, "--rm", rm,
+           "--chains", str(chains), "--steps", str(steps), "--max-new-tokens", str(max_new),
+           "--concurrency", str(4 * CAPACITY)]  # fmt: skip
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    if p.returncode != 0:
+        raise RuntimeError(f"bare client failed:\n{p.stdout}\n{p.stderr}")
+    res: dict[str, Any] = json.loads(p.stdout.strip().splitlines()[-1])
+    res["command_seconds"] = time.perf_counter() - t0
+    return res
+
+
+def measure_reference_mode(
+    gen: str, rm: str, chains: int, steps: int, max_new: int
+) -> dict[str, Any]:
+    from reference import measure_reference
+
+    t0 = time.perf_counter()
+    res = measure_reference(gen, rm, chains=chains, steps=steps, max_new_tokens=max_new)
+    res["command_seconds"] = time.perf_counter() - t0
+    return res
+
+
+def reference_available() -> str | None:
+    """None when the reference implementation can run here, else why not."""
+    try:
+        from reference import ensure_reference_env
+    except ImportError as exc:
+        return f"benchmarks/reference.py: {exc}"
+    try:
+        ensure_reference_env()
+    except Exception as exc:  # any failure to install it means "not measured"
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def measure(
+    mode: str, prof: dict[str, Any], gen: ServerProc, rm: ServerProc, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One measurement of `mode`, with the servers' own whole-span timing and request counts."""
+    gen.reset()
+    rm.reset()
+    sizes = (gen.url, rm.url, args.chains, args.steps, args.max_new_tokens)
+    if mode == "bare":
+        r = measure_bare(*sizes)
+    elif mode == "reference":
+        r = measure_reference_mode(*sizes)
+    elif mode == "run":
+        r = measure_run(*sizes)
+    else:
+        r = measure_celery(*sizes, int(mode.split("-")[1]))
+    g, m = gen.metrics(), rm.metrics()
+    firsts = [x["first_request_at"] for x in (g, m) if x["first_request_at"] is not None]
+    lasts = [x["last_response_at"] for x in (g, m) if x["last_response_at"] is not None]
+    span = max(lasts) - min(firsts)
+    total = args.chains * (args.steps + 1)
+    mean_tokens = g["generated_tokens"] / max(1, g["sequences"])
+    ceiling = prof["capacity"] / (prof["latency_base"] + prof["latency_per_token"] * mean_tokens)
+    work = ("/tokenize", "/detokenize", "/v1/completions", "/classify", "/pooling")
+    r.update(
+        steps=total,
+        span_seconds=span,
+        whole_steps_per_s=total / span,
+        mean_gen_tokens=mean_tokens,
+        ceiling_steps_per_s=ceiling,
+        ratio=total / span / ceiling,
+        generations=g["sequences"],
+        requests={
+            "generator": {k: g["requests"][k] for k in work if g["requests"][k]},
+            "reward": {k: m["requests"][k] for k in work if m["requests"][k]},
+        },
+        requests_per_step=(
+            sum(g["requests"][k] for k in work) + sum(m["requests"][k] for k in work)
+        )
+        / total,
+    )
+    if "window_seconds" in r:
+        r["window_ratio"] = r["steps_per_s"] / ceiling
+    return r
+
+
 def expected_initial_len(max_new: int) -> float:
     from qalign.toy.model import ToyModel
 
@@ -300,75 +402,121 @@ def expected_initial_len(max_new: int) -> float:
 # ------------------------------------------------------------------------------------------------
 
 
+def summarise(
+    prof_name: str, mode: str, runs: list[dict[str, Any]], bare: list[dict[str, Any]],
+    ref: list[dict[str, Any]],
+) -> dict[str, Any]:  # fmt: skip
+    """Medians over repetitions; ratios to bare / reference pair runs of the same repetition."""
+    out: dict[str, Any] = {
+        "mode": mode,
+        "profile": prof_name,
+        "ceiling_steps_per_s": statistics.median(x["ceiling_steps_per_s"] for x in runs),
+        "whole_steps_per_s": statistics.median(x["whole_steps_per_s"] for x in runs),
+        "ratio": statistics.median(x["ratio"] for x in runs),
+        "per_rep_ratio": [round(x["ratio"], 3) for x in runs],
+        "requests_per_step": statistics.median(x["requests_per_step"] for x in runs),
+        "command_seconds": statistics.median(x["command_seconds"] for x in runs),
+        "ceiling_target": CEILING_TARGETS.get((prof_name, mode)),
+        "bare_target": BARE_TARGETS.get((prof_name, mode)),
+        "reference_target": REFERENCE_TARGETS.get((prof_name, mode)),
+        "runs": runs,
+    }
+    if all("window_ratio" in x for x in runs):
+        out["window_ratio"] = statistics.median(x["window_ratio"] for x in runs)
+    if bare and mode != "bare":
+        per = [
+            x["whole_steps_per_s"] / b["whole_steps_per_s"] for x, b in zip(runs, bare, strict=True)
+        ]
+        out["vs_bare"], out["per_rep_vs_bare"] = statistics.median(per), [round(v, 3) for v in per]
+    if ref and mode != "reference":
+        per = [
+            x["whole_steps_per_s"] / b["whole_steps_per_s"] for x, b in zip(runs, ref, strict=True)
+        ]
+        out["vs_reference"] = statistics.median(per)
+        out["per_rep_vs_reference"] = [round(v, 3) for v in per]
+    return out
+
+
+def _cell(value: float | None, target: float | None, fmt: str = ".2f") -> str:
+    if value is None:
+        return "–"
+    text = f"{value:{fmt}}"
+    if target is not None:
+        text += f" ({'✅' if value >= target else '❌'} ≥ {target})"
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sweeps, one repetition (< 3 min)")
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--chains", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--chains", type=int, default=None, help="default 255 (--quick: 64)")
+    ap.add_argument("--steps", type=int, default=None, help="default 20 (--quick: 4)")
     ap.add_argument("--max-new-tokens", type=int, default=6)
-    ap.add_argument("--modes", default="run,celery-1,celery-2")
+    ap.add_argument("--modes", default="bare,reference,run,celery-1,celery-2")
     ap.add_argument("--profiles", default="realistic,fast")
     args = ap.parse_args()
     reps = args.reps or (1 if args.quick else 3)
-    steps = args.steps or (4 if args.quick else 8)
+    args.chains = args.chains or (64 if args.quick else 255)
+    args.steps = args.steps or (4 if args.quick else 20)
     modes = args.modes.split(",")
+    skipped: dict[str, str] = {}
+    if "reference" in modes:
+        why = reference_available()
+        if why is not None:
+            print(f"reference implementation not measured: {why}", flush=True)
+            skipped["reference"] = why
+            modes.remove("reference")
     started = time.perf_counter()
     results: list[dict[str, Any]] = []
     for prof_name in args.profiles.split(","):
         prof = PROFILES[prof_name]
         gen = ServerProc(served_model_names=("toy-lm",), **prof)
         rm = ServerProc(served_model_names=("toy-rm",))
+        by_mode: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
         try:
-            for mode in modes:
-                runs = []
-                for _ in range(reps):
-                    if mode == "run":
-                        r = measure_run(gen.url, rm.url, args.chains, steps, args.max_new_tokens)
-                    else:
-                        nw = int(mode.split("-")[1])
-                        r = measure_celery(
-                            gen.url, rm.url, args.chains, steps, args.max_new_tokens, nw
-                        )
-                    lat = prof["latency_base"] + prof["latency_per_token"] * r["mean_gen_tokens"]
-                    r["ceiling_steps_per_s"] = prof["capacity"] / lat
-                    r["ratio"] = r["steps_per_s"] / r["ceiling_steps_per_s"]
-                    runs.append(r)
+            for rep in range(reps):
+                for mode in modes:  # interleaved: each repetition compares like with like
+                    r = measure(mode, prof, gen, rm, args)
+                    by_mode[mode].append(r)
                     print(
-                        f"  {prof_name:9s} {mode:8s} {r['steps_per_s']:8.1f} steps/s "
-                        f"ceiling {r['ceiling_steps_per_s']:7.1f} ratio {r['ratio']:.3f} "
-                        f"(mean gen tokens {r['mean_gen_tokens']:.2f})",
+                        f"  rep {rep + 1} {prof_name:9s} {mode:9s} {r['whole_steps_per_s']:8.1f}"
+                        f" steps/s (whole span {r['span_seconds']:.1f} s) ceiling"
+                        f" {r['ceiling_steps_per_s']:7.1f} ratio {r['ratio']:.3f}; requests/step"
+                        f" {r['requests_per_step']:.2f}",
                         flush=True,
                     )
-                med = sorted(runs, key=lambda x: x["ratio"])[len(runs) // 2]
-                results.append(
-                    {
-                        "mode": mode,
-                        "profile": prof_name,
-                        "ceiling_steps_per_s": med["ceiling_steps_per_s"],
-                        "achieved_steps_per_s": statistics.median(x["steps_per_s"] for x in runs),
-                        "ratio": statistics.median(x["ratio"] for x in runs),
-                        "target": TARGETS[(prof_name, "run" if mode == "run" else "celery")],
-                        "reference": REFERENCE[prof_name],
-                        "runs": runs,
-                    }
-                )
         finally:
             gen.stop()
             rm.stop()
+        for mode in modes:
+            results.append(
+                summarise(
+                    prof_name,
+                    mode,
+                    by_mode[mode],
+                    by_mode.get("bare", []),
+                    by_mode.get("reference", []),
+                )
+            )
     doc = {
-        "benchmark": "saturation (issue 5 item 1)",
+        "benchmark": "saturation (issues 5 and 14)",
         "command": "python benchmarks/saturation.py" + (" --quick" if args.quick else ""),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {
+            "cpu": cpu_model(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
         "profiles": PROFILES,
         "chains": args.chains,
-        "steps": steps,
+        "steps": args.steps,
         "max_new_tokens": args.max_new_tokens,
         "expected_initial_len_exact": expected_initial_len(args.max_new_tokens),
         "reps": reps,
-        "ceiling": "C / (latency_base + latency_per_token * mean proposals.gen_tokens in window)",
-        "window": "10%..90% committed-step marks of proposals.created_at",
+        "ceiling": "C / (latency_base + latency_per_token * generated tokens per sequence)",
+        "figure": "chains*(steps+1) / (last answer - first request, as the toy servers saw them)",
+        "not_measured": skipped,
         "elapsed_seconds": time.perf_counter() - started,
         "results": results,
     }
@@ -376,17 +524,21 @@ def main() -> None:
     path = OUT / f"saturation{'-quick' if args.quick else ''}.json"
     path.write_text(json.dumps(doc, indent=2))
     print()
-    print("| mode | profile | ceiling steps/s | achieved steps/s | ratio | target | reference |")
-    print("|---|---|---|---|---|---|---|")
+    print("| profile | mode | steps/s (whole span) | share of ceiling | per rep | vs bare client |"
+          " vs reference | requests/step | 10–90 % window |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
-            f"| {r['mode']} | {r['profile']} | {r['ceiling_steps_per_s']:.0f} | "
-            f"{r['achieved_steps_per_s']:.0f} | {r['ratio']:.2f} | >= {r['target']} | "
-            f"{r['reference']} |"
+            f"| {r['profile']} | {r['mode']} | {r['whole_steps_per_s']:.0f} | "
+            f"{_cell(r['ratio'], r['ceiling_target'])} | "
+            f"{' / '.join(f'{v:.2f}' for v in r['per_rep_ratio'])} | "
+            f"{_cell(r.get('vs_bare'), r['bare_target'])} | "
+            f"{_cell(r.get('vs_reference'), r['reference_target'])} | "
+            f"{r['requests_per_step']:.2f} | {_cell(r.get('window_ratio'), None)} |"
         )
     print(
-        f"\n{args.chains} chains x {steps} steps (+ initial sample), max_new_tokens "
-        f"{args.max_new_tokens}, C={CAPACITY}, median of {reps}; "
+        f"\n{args.chains} chains x {args.steps} steps (+ initial sample), max_new_tokens "
+        f"{args.max_new_tokens}, C={CAPACITY}, median of {reps}; CPU {cpu_model()!r}; "
         f"{doc['elapsed_seconds']:.0f} s total; wrote {path}"
     )
 

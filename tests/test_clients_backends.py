@@ -115,9 +115,13 @@ class FakeVLLM(Fake):
         honors_activation: bool = True,
         new_tokens: int = 3,
         finish_reason: str | None = None,
+        chat_classify: bool = True,
+        chat_offset: float = 0.0,
     ) -> None:
         super().__init__()
         self.name = name
+        self.chat_classify = chat_classify  # /classify accepts `messages` (vLLM >= ~0.13)
+        self.chat_offset = chat_offset  # added to chat-form scores: a server whose forms disagree
         self.max_model_len = max_model_len
         self.token_ids = token_ids
         self.openapi = openapi
@@ -196,17 +200,26 @@ class FakeVLLM(Fake):
         return (sum(ids) % 17) - 8.0
 
     def scores(self, body: Any, field: str) -> Any:
-        inputs = body["input"]
+        offset = 0.0
+        if "messages" in body:
+            if not self.chat_classify:
+                return web.json_response({"error": {"message": "input: Field required"}}, status=400)
+            tok = {"messages": body["messages"], "add_generation_prompt": False}
+            inputs = [self.tokenize(tok)["tokens"]]
+            offset = self.chat_offset
+        else:
+            inputs = body["input"]
         if inputs and isinstance(inputs[0], str):
             inputs = [text_ids(t) for t in inputs]
         activate = body.get("use_activation") is not False or not self.honors_activation
         data = []
         for i, ids in enumerate(inputs):
-            r = self.raw_reward(ids)
+            r = self.raw_reward(ids) + offset
             v = sigmoid(r) if activate else r
             data.append({"index": i, field: [v]})
         data.reverse()  # order must come from `index`, not position
-        return {"id": "x", "object": "list", "data": data}
+        n = sum(len(ids) for ids in inputs)
+        return {"id": "x", "object": "list", "data": data, "usage": {"prompt_tokens": n}}
 
 
 async def test_vllm_generator_start_chat_generate() -> None:
@@ -364,6 +377,44 @@ async def test_vllm_reward_detects_ignored_use_activation() -> None:
         ids = fake.tokenize({"messages": conv, "add_generation_prompt": False})["tokens"]
         (score,) = await rm.score([conv])
         assert score == pytest.approx(fake.raw_reward(ids), abs=1e-6)
+
+
+async def test_vllm_reward_scores_a_conversation_with_one_chat_form_request() -> None:
+    fake = FakeVLLM(name="rm")
+    conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "an answer"}]
+    async with serve(fake.build()) as url:
+        rm = VLLMReward(url, "rm", settings=FAST)
+        await rm.start()
+        assert rm.input_form == "messages" and rm.activation == "raw"
+        seen = {k: len(v) for k, v in fake.seen.items()}
+        (score,), (tokens,) = await rm.score_with_tokens([conv])
+        ids = fake.tokenize({"messages": conv, "add_generation_prompt": False})["tokens"]
+        assert score == pytest.approx(fake.raw_reward(ids)) and tokens == len(ids)
+        assert len(fake.seen["/tokenize"]) == seen["/tokenize"]  # no templating request
+        assert len(fake.seen["/classify"]) == seen["/classify"] + 1
+        assert fake.seen["/classify"][-1] == {
+            "model": "rm",
+            "messages": conv,
+            "add_generation_prompt": False,
+            "add_special_tokens": False,
+            "use_activation": False,
+        }
+
+
+@pytest.mark.parametrize("fake_kw", [{"chat_classify": False}, {"chat_offset": 0.5}])
+async def test_vllm_reward_uses_token_ids_where_the_chat_form_fails_or_differs(
+    fake_kw: dict[str, Any],
+) -> None:
+    fake = FakeVLLM(name="rm", **fake_kw)
+    conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "an answer"}]
+    async with serve(fake.build()) as url:
+        rm = VLLMReward(url, "rm", settings=FAST)
+        await rm.start()
+        assert rm.input_form == "ids" and rm.activation == "raw"
+        (score,) = await rm.score([conv])
+        ids = fake.tokenize({"messages": conv, "add_generation_prompt": False})["tokens"]
+        assert score == pytest.approx(fake.raw_reward(ids))
+        assert fake.seen["/classify"][-1]["input"] == [ids]
 
 
 def test_logit_clamps() -> None:

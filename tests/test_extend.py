@@ -197,13 +197,14 @@ def test_extension_equals_a_fresh_run_proposal_for_proposal(runner: Any, servers
     assert out.stdout.count(f"{n} -> {2 * n} steps per chain (4 finished chain(s) reopened)") == 2
     # Only the new steps were generated: one generation per chain and new step, and at most
     # one scoring request per new scored proposal (a worker's reward client caches repeated
-    # responses) beyond each reward client's startup probe of use_activation (one request with
-    # it false, one with it true). The old steps are the very same rows.
+    # responses) beyond each reward client's startup probes (the probe conversation scored in
+    # token-id form and in chat form, then in chat form with use_activation true: three
+    # requests, one of them activated). The old steps are the very same rows.
     assert g.metrics()["requests"][COMPLETIONS] == chains * n
     new = [p for p in proposal_rows(runner.sessions, name) if p[1] > n]
     assert len(new) == chains * n
     rm = r.metrics()
-    scoring = rm["requests"]["/classify"] - 2 * rm["activated_requests"]
+    scoring = rm["requests"]["/classify"] - 3 * rm["activated_requests"]
     assert 0 < scoring <= sum(1 for p in new if p[14] is not None)
     after = proposal_ids(runner.sessions, name)
     assert {k: v for k, v in after.items() if k[1] <= n} == first
@@ -369,7 +370,7 @@ def test_a_step_committed_while_its_chain_is_extended_continues_the_chain(
         chain_id = s.execute(select(Chain.id)).scalar_one()
     commit = repo.commit_step
 
-    def extend_then_commit(sessions_: Any, params: dict[str, Any]) -> bool:
+    def extend_then_commit(sessions_: Any, params: dict[str, Any]) -> int | None:
         if params["step"] == 1:
             repo.extend_sweep(sessions_, sweep_id, 3)  # between the step's read and its commit
         return commit(sessions_, params)

@@ -111,7 +111,9 @@ class ScriptedService:
     calls: list[tuple[int, int]] = field(default_factory=list)
     metrics: StepMetrics = field(default_factory=StepMetrics)
 
-    async def take(self, chain_id: int, step: int, ready_at: float | None = None) -> Outcome:
+    async def take(
+        self, chain_id: int, step: int, ready_at: float | None = None, known: Any = None
+    ) -> Outcome:
         self.calls.append((chain_id, step))
         return self.script.pop(0)
 
@@ -254,5 +256,48 @@ def test_an_unexpected_error_is_recorded_against_its_chain_only(
         assert len(errors) == 2 and {(e.chain_id, e.step) for e in errors} == {(victim, 2)}
         assert all("ZeroDivisionError" in e.error for e in errors)
         assert all("test_step_service.py" in e.error for e in errors)  # where it was raised
+    finally:
+        engine.dispose()
+
+
+def test_a_driver_reads_its_chain_once_and_goes_on_from_its_own_commits(
+    sqlite_url: str, toy: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the first step a driver carries the chain its commit left (`Outcome.row`)
+    instead of reading it back; a failed attempt (no commit) reads it again. The chains
+    end exactly where they would with a read per step (the same steps, same states)."""
+    from qalign.storage import repo
+
+    raw = sweep_config("carry", *toy, prompts=1, beta=1.0, steps=6, chains=2)
+    engine = make_engine(sqlite_url)
+    reads: list[int] = []
+    real_read = repo.read_chain
+
+    def counting_read(sessions: Any, chain_id: int) -> Any:
+        reads.append(chain_id)
+        return real_read(sessions, chain_id)
+
+    try:
+        upgrade(engine)
+        sessions = make_sessionmaker(engine)
+        sweep_id, _ = create_sweep(sessions, parse_config(raw))
+        monkeypatch.setattr(repo, "read_chain", counting_read)
+
+        async def go() -> Any:
+            service = StepService(sessions)
+            try:
+                return await run_locally(service, sweep_id, progress=False)
+            finally:
+                await service.close()
+
+        asyncio.run(go())
+        with sessions() as s:
+            chains = list(s.scalars(select(Chain).order_by(Chain.id)))
+        assert [c.status for c in chains] == ["done", "done"]
+        assert sorted(reads) == sorted(c.id for c in chains)  # one read per chain, 7 steps each
+        for c in chains:  # what the carried rows decided is what is stored
+            stored = real_read(sessions, c.id)
+            assert stored.current_step == 6 and stored.state is not None
+            assert list(stored.state.tokens) == c.state_tokens
     finally:
         engine.dispose()

@@ -8,6 +8,7 @@ type rejects it; the engines' JSON serializer refuses it everywhere).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import math
 import shutil
@@ -667,8 +668,9 @@ def test_step_hot_path_reads_and_writes_what_the_orm_sees(migrated: Engine) -> N
     assert (ctx.current_step, ctx.status, ctx.state) == (-1, "pending", None)
     assert repo.prompt_messages(sessions, ctx.prompt_id)[0]["content"] == "hi ✓"
     before = dt.datetime.now(dt.UTC)
-    assert repo.commit_step(sessions, _step_params(chain_id, 0, (5, 6, 7)))
-    assert not repo.commit_step(sessions, _step_params(chain_id, 0, (9,)))  # duplicate delivery
+    # the commit returns the chain's stored target_steps
+    assert repo.commit_step(sessions, _step_params(chain_id, 0, (5, 6, 7))) == 1
+    assert repo.commit_step(sessions, _step_params(chain_id, 0, (9,))) is None  # duplicate delivery
     with sessions() as s:
         p = s.execute(select(Proposal)).scalar_one()
         c = s.get(Chain, chain_id)
@@ -694,13 +696,13 @@ def test_step_hot_path_reads_and_writes_what_the_orm_sees(migrated: Engine) -> N
     # commit and leaves the chain where it was: both writes are one atomic unit.
     with sessions.begin() as s:
         s.add(_proposal(c, 1))
-    assert not repo.commit_step(sessions, _step_params(chain_id, 1, (5, 8)))
+    assert repo.commit_step(sessions, _step_params(chain_id, 1, (5, 8))) is None
     with sessions() as s:
         c = s.get(Chain, chain_id)
         assert c is not None and (c.current_step, c.state_tokens) == (0, [5, 6, 7])
         s.execute(delete(Proposal).where(Proposal.step == 1))
         s.commit()
-    assert repo.commit_step(sessions, _step_params(chain_id, 1, (5, 8), accepted=True))
+    assert repo.commit_step(sessions, _step_params(chain_id, 1, (5, 8), accepted=True)) == 1
     with sessions() as s:
         c = s.get(Chain, chain_id)
         assert c is not None and (c.current_step, c.status) == (1, "done")
@@ -708,11 +710,51 @@ def test_step_hot_path_reads_and_writes_what_the_orm_sees(migrated: Engine) -> N
         assert (c.accepted_steps, c.rejected_with_reason) == (1, 2)
         assert c.first_step_at is not None and c.last_step_at == c.updated_at
         assert c.first_step_at < c.last_step_at
-    assert not repo.commit_step(sessions, _step_params(chain_id, 2, (5,)))  # finished chain
+    assert repo.commit_step(sessions, _step_params(chain_id, 2, (5,))) is None  # finished chain
     with pytest.raises(LookupError, match="chain 999 does not exist"):
         repo.read_chain(sessions, 999)
     with pytest.raises(ValueError, match="commit_step takes exactly"):
         repo.commit_step(sessions, {"chain_id": chain_id, "step": 2})
+
+
+@pytest.mark.parametrize(
+    ("reward", "logprobs", "text"),
+    [
+        (0.25, (-0.5, -1.25, -0.125), "state ✓"),
+        (math.nan, None, "a\x00b"),  # an unscored state; NUL is stored as U+FFFD
+        (math.inf, (-0.5, -math.inf, -1.0), "x"),  # logprobs JSON cannot hold: stored as NULL
+    ],
+)
+def test_committed_row_is_what_reading_the_chain_back_returns(
+    migrated: Engine, reward: float, logprobs: tuple[float, ...] | None, text: str
+) -> None:
+    """A driver goes on from `committed_row` instead of reading the chain again: it must be
+    the row a read returns (but for `updated_at`, the commit's own clock)."""
+    from qalign.core import Finish, State
+    from qalign.storage import repo
+
+    sessions = make_sessionmaker(migrated)
+    with sessions.begin() as s:
+        _, run, _, chain = _graph(s)
+        run.config = {"generator_model": "gen", "beta": 1.0}
+        chain.target_steps = 3
+        chain_id = chain.id
+    before = repo.read_chain(sessions, chain_id)
+    state = State(tokens=(5, 6, 7), reward=reward, finish=Finish.STOP, logprobs=logprobs)
+    params = _step_params(chain_id, 0, state.tokens, state_reward=reward,
+                          state_logprobs=logprobs, state_text=text)  # fmt: skip
+    target = repo.commit_step(sessions, params)
+    assert target == 3
+    row = repo.committed_row(before, 0, target, state, text)
+    read = repo.read_chain(sessions, chain_id)
+    assert row.state is not None and read.state is not None
+    assert math.isnan(row.state.reward) == math.isnan(read.state.reward)
+    nan_free = dataclasses.replace(row.state, reward=0.0 if math.isnan(reward) else reward)
+    assert nan_free == dataclasses.replace(read.state, reward=nan_free.reward)
+    assert dataclasses.replace(row, state=None, updated_at=read.updated_at) == (
+        dataclasses.replace(read, state=None)
+    )
+    assert abs((row.updated_at - read.updated_at).total_seconds()) < 60
 
 
 def test_chain_counters_are_backfilled_by_their_migration(engine: Engine) -> None:
@@ -804,6 +846,6 @@ def test_step_statements_survive_a_postgres_restart_of_their_connections(
                  "WHERE datname = current_database() AND pid <> pg_backend_pid()")
         ).all()  # fmt: skip
     assert killed  # the pool's connections are gone on the server side
-    assert repo.commit_step(sessions, _step_params(chain_id, 0, (5, 6, 7)))
+    assert repo.commit_step(sessions, _step_params(chain_id, 0, (5, 6, 7))) is not None
     assert repo.read_chain(sessions, chain_id).current_step == 0
     eng.dispose()

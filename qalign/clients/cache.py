@@ -118,3 +118,49 @@ class CachedReward:
                     self._items.popitem(last=False)
         out = [known[k] for k in keys]
         return [s for s, _ in out], [n for _, n in out]
+
+
+class TextCache:
+    """LRU of detokenized texts keyed by token ids, bounded in entries and in characters.
+
+    Text is a function of the token ids, so a response seen before (a chain returning to an
+    earlier state, a cut near the end that regenerates the same tokens) needs no second
+    `/detokenize` request. Keys are 16-byte digests, so memory is the texts themselves.
+    """
+
+    def __init__(self, maxsize: int = 65_536, max_chars: int = 32_000_000) -> None:
+        if maxsize < 1 or max_chars < 1:
+            raise ValueError("maxsize and max_chars must be >= 1")
+        self.maxsize = maxsize
+        self.max_chars = max_chars
+        self.chars = 0
+        self.hits = 0
+        self.misses = 0
+        self._items: OrderedDict[bytes, str] = OrderedDict()
+
+    @staticmethod
+    def _key(token_ids: Sequence[int]) -> bytes:
+        return hashlib.blake2b(orjson.dumps(list(token_ids)), digest_size=16).digest()
+
+    def get(self, token_ids: Sequence[int]) -> str | None:
+        key = self._key(token_ids)
+        text = self._items.get(key)
+        if text is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return text
+
+    def put(self, token_ids: Sequence[int], text: str) -> None:
+        key = self._key(token_ids)
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.chars -= len(old)
+        if len(text) > self.max_chars:
+            return
+        self._items[key] = text
+        self.chars += len(text)
+        while len(self._items) > self.maxsize or self.chars > self.max_chars:
+            _, dropped = self._items.popitem(last=False)
+            self.chars -= len(dropped)

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from qalign.clients.base import Continuation, Conversation, SamplingParams
+from qalign.clients.cache import TextCache
 from qalign.clients.errors import ModelNotServedError, ProtocolError
 from qalign.clients.http import (
     ContextLengthError,
@@ -119,6 +120,7 @@ class LlamaCppGenerator:
         # Else read from /v1/models `meta.n_vocab` at start(); generated ids are checked against it.
         self.vocab_size = vocab_size
         self.pool = EndpointPool(urls, settings, name=f"llama.cpp generator {model!r}")
+        self.texts = TextCache()  # detokenized responses: a repeat costs no request
         self.settings = self.pool.settings
         self.max_model_len = max_model_len
         self._user_max_model_len = max_model_len
@@ -225,8 +227,12 @@ class LlamaCppGenerator:
         return ids
 
     async def detokenize(self, token_ids: Sequence[int]) -> str:
+        cached = self.texts.get(token_ids)
+        if cached is not None:
+            return cached
         body = {"tokens": [int(t) for t in token_ids]}
         reply = await self.pool.request("POST", "/detokenize", body, parse=_parse_detokenize)
+        self.texts.put(token_ids, reply.value)
         return reply.value
 
     # -- generation ----------------------------------------------------------------------

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from qalign.clients.base import Continuation, Conversation, SamplingParams
+from qalign.clients.cache import TextCache
 from qalign.clients.errors import ClientError, ProtocolError, ServerRequestError
 from qalign.clients.http import (
     EndpointPool,
@@ -122,6 +123,7 @@ class SGLangGenerator:
         self.model = model
         self.vocab_size = vocab_size  # when given, generated ids are checked against it
         self.pool = EndpointPool(urls, settings, name=f"sglang generator {model!r}")
+        self.texts = TextCache()  # detokenized responses: a repeat costs no request
         self.settings = self.pool.settings
         self.max_model_len = max_model_len
         self._user_max_model_len = max_model_len
@@ -201,12 +203,16 @@ class SGLangGenerator:
         raise _no_template("chat_prompt")
 
     async def detokenize(self, token_ids: Sequence[int]) -> str:
+        cached = self.texts.get(token_ids)
+        if cached is not None:
+            return cached
         body = {
             "model": self.model,
             "tokens": [int(t) for t in token_ids],
             "skip_special_tokens": False,
         }
         reply = await self.pool.request("POST", "/detokenize", body, parse=_parse_detokenize)
+        self.texts.put(token_ids, reply.value)
         return reply.value
 
     # -- generation ----------------------------------------------------------------------

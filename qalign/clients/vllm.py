@@ -8,10 +8,14 @@ Generation (see docs/server-apis.md §1):
   `logprobs: 0` + `return_tokens_as_token_ids` (`"token_id:N"` strings). Which one is used is
   detected at `start()` (`/openapi.json`, else a one-token probe).
 
-Rewards (§2): conversations are templated by the reward server's own `POST /tokenize`
-(`messages`, no generation prompt), then scored in batches by ONE `POST /classify` per batch with
-`use_activation: false` so `probs[0]` is the raw logit. Servers that ignore `use_activation`
-(always sigmoid) are detected at `start()` and their probabilities mapped back with logit(p).
+Rewards (§2): a conversation is scored by ONE `POST /classify` in chat form (`messages`, no
+generation prompt, no added special tokens: the server applies the reward model's own chat
+template) with `use_activation: false`, so `probs[0]` is the raw logit and a step costs the
+reward server one request. Servers without the chat form (older vLLM), or whose chat form
+scores the probe conversation differently from its token-id form, are detected at `start()`;
+they get the conversation templated by the reward server's own `POST /tokenize` and token-id
+batches in `/classify` instead. Servers that ignore `use_activation` (always sigmoid) are
+detected at `start()` too and their probabilities mapped back with logit(p).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from qalign.clients.base import Continuation, Conversation, SamplingParams
+from qalign.clients.cache import TextCache
 from qalign.clients.errors import ClientError, ModelNotServedError, ProtocolError
 from qalign.clients.http import (
     EndpointPool,
@@ -164,6 +169,7 @@ class VLLMGenerator:
         # vLLM does not report its vocabulary size; when given, generated ids are checked.
         self.vocab_size = vocab_size
         self.pool = EndpointPool(urls, settings, name=f"vllm generator {model!r}")
+        self.texts = TextCache()  # detokenized responses: a repeat costs no request
         self.settings = self.pool.settings
         self.max_model_len = max_model_len
         self._user_max_model_len = max_model_len
@@ -286,8 +292,12 @@ class VLLMGenerator:
         return reply.value[0]
 
     async def detokenize(self, token_ids: Sequence[int]) -> str:
+        cached = self.texts.get(token_ids)
+        if cached is not None:
+            return cached
         body = {"model": self.model, "tokens": [int(t) for t in token_ids]}
         reply = await self.pool.request("POST", "/detokenize", body, parse=_parse_detokenize)
+        self.texts.put(token_ids, reply.value)
         return reply.value
 
     # -- generation ----------------------------------------------------------------------
@@ -500,7 +510,17 @@ def _parse_scores(data: Any, n: int, field: Literal["probs", "data"]) -> list[fl
     return [by_index[i] for i in range(n)]
 
 
+def _parse_chat_score(data: Any) -> tuple[float, int]:
+    (score,) = _parse_scores(data, 1, "probs")
+    usage = require_dict(data, "/classify answer").get("usage")
+    tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    if not isinstance(tokens, int) or isinstance(tokens, bool):
+        raise ProtocolError(f"/classify answer has no usage.prompt_tokens: {usage!r:.200}")
+    return score, tokens
+
+
 ActivationMode = Literal["auto", "raw", "sigmoid"]
+InputForm = Literal["auto", "messages", "ids"]
 
 
 class VLLMReward:
@@ -518,6 +538,7 @@ class VLLMReward:
         startup_timeout: float = 600.0,
         tokenize_concurrency: int = 64,
         pooling_task: str | None = None,
+        input_form: InputForm = "auto",
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -531,6 +552,8 @@ class VLLMReward:
         self.activation: ActivationMode = activation
         self.startup_timeout = startup_timeout
         self.pooling_task = pooling_task
+        # /pooling's chat form is older and its task defaults moved between versions: token ids
+        self.input_form: InputForm = input_form if endpoint == "classify" else "ids"
         self.max_model_len: int | None = None
         self._tokenize_limit = asyncio.Semaphore(max(1, tokenize_concurrency))
         self.started = False
@@ -542,16 +565,49 @@ class VLLMReward:
     async def start(self) -> None:
         await self.pool.wait_healthy("/health", timeout=self.startup_timeout)
         self.max_model_len = await check_model_served(self.pool, self.model)
+        raw: float | None = None  # the probe conversation's score with use_activation false
+        if self.input_form == "auto":
+            self.input_form, raw = await self._detect_input_form()
         if self.activation == "auto":
-            self.activation = await self._detect_activation()
+            self.activation = await self._detect_activation(raw)
         self.started = True
 
-    async def _detect_activation(self) -> ActivationMode:
+    async def _detect_input_form(self) -> tuple[InputForm, float]:
+        """Score the probe conversation in token-id form and in chat form: the chat form (one
+        request per conversation instead of two) is used only where it answers, and answers
+        what the token ids of the server's own template get. Returns the form and its raw
+        score of the probe."""
+        ids = await self.conversation_ids(PROBE_CONVERSATION)
+        by_ids = (await self._score_batch([ids], use_activation=False))[0]
+        try:
+            by_messages, _ = await self._score_messages(PROBE_CONVERSATION, use_activation=False)
+        except ClientError as exc:
+            log.info("reward server %s: no chat-form /classify (%s)", self.pool.name, exc)
+            return "ids", by_ids
+        if not math.isclose(by_ids, by_messages, rel_tol=1e-3, abs_tol=1e-3):
+            log.warning(
+                "reward server %s scores the probe conversation %r in chat form but %r from"
+                " its own /tokenize ids; using token ids (two requests per score)",
+                ", ".join(self.urls),
+                by_messages,
+                by_ids,
+            )
+            return "ids", by_ids
+        return "messages", by_messages
+
+    async def _probe_score(self, use_activation: bool) -> float:
+        if self.input_form == "messages":
+            score, _ = await self._score_messages(PROBE_CONVERSATION, use_activation=use_activation)
+            return score
+        ids = await self.conversation_ids(PROBE_CONVERSATION)
+        return (await self._score_batch([ids], use_activation=use_activation))[0]
+
+    async def _detect_activation(self, raw: float | None = None) -> ActivationMode:
         """Score one conversation with use_activation false and true: equal values in [0, 1]
         mean the server ignores the flag and always applies sigmoid."""
-        ids = await self.conversation_ids(PROBE_CONVERSATION)
-        raw = (await self._score_batch([ids], use_activation=False))[0]
-        act = (await self._score_batch([ids], use_activation=True))[0]
+        if raw is None:
+            raw = await self._probe_score(False)
+        act = await self._probe_score(True)
         # A sigmoid output lies strictly inside (0, 1); a raw 0.0 (common for a neutral probe)
         # from a server that ignores the flag is a logit, not a probability.
         if math.isclose(raw, act, rel_tol=1e-6, abs_tol=1e-9) and 0.0 < raw < 1.0:
@@ -605,12 +661,32 @@ class VLLMReward:
         scores, _ = await self.score_with_tokens(conversations)
         return scores
 
+    async def _score_messages(
+        self, conversation: Conversation, *, use_activation: bool
+    ) -> tuple[float, int]:
+        """One conversation scored by chat-form `/classify`, and the tokens the server read."""
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": list(conversation),
+            "add_generation_prompt": False,
+            "add_special_tokens": False,
+            "use_activation": use_activation,
+        }
+        reply = await self.pool.request("POST", "/classify", body, parse=_parse_chat_score)
+        return reply.value
+
     async def score_with_tokens(
         self, conversations: Sequence[Conversation]
     ) -> tuple[list[float], list[int]]:
         """Raw rewards and the number of tokens the reward model read for each conversation."""
         if not conversations:
             return [], []
+        if self.input_form == "messages" and len(conversations) == 1:
+            # A step scores one conversation: one request. (Many at once, as `qalign score`
+            # sends them, go as token-id batches of batch_size.) An over-long conversation is
+            # refused by the server, with an HTTP 400 naming its limit.
+            score, tokens = await self._score_messages(conversations[0], use_activation=False)
+            return [logit(score) if self.activation == "sigmoid" else score], [tokens]
         ids = await asyncio.gather(*(self.conversation_ids(c) for c in conversations))
         if self.max_model_len is not None:
             for i, seq in enumerate(ids):

@@ -157,8 +157,13 @@ async def _detokenize(gen: Generator, tokens: tuple[int, ...]) -> tuple[str, flo
     return text, time.perf_counter() - t0
 
 
-async def _score(spec: ChainSpec, gen: Generator, rm: RewardModel, candidate: State) -> _Scored:
-    text, detok_s = await _detokenize(gen, candidate.text_tokens)
+async def _score(
+    spec: ChainSpec, gen: Generator, rm: RewardModel, candidate: State, text: str | None = None
+) -> _Scored:
+    """Reward of `candidate`; `text`, when given, is its known text (no detokenize request)."""
+    detok_s = 0.0
+    if text is None:
+        text, detok_s = await _detokenize(gen, candidate.text_tokens)
     conv = [reward_conversation(spec.messages, text)]
     t0 = time.perf_counter()
     terms: dict[str, float] | None = None
@@ -266,12 +271,19 @@ async def mcmc_step(
     scored = _Scored(math.nan, "", 0.0)
     if unusable is None:
         unscored = make_proposal(plan, current, tokens, finish, math.nan, logprobs)
+        # A proposal that regenerated the current response (common when the cut is near the
+        # end) has the current text: text is a function of the token ids.
+        same = unscored.tokens == current.tokens and unscored.finish is current.finish
+        known = current_text if same else None
         if rm is None or not spec.kernel.needs_reward:
-            text, detok_s = await _detokenize(gen, unscored.text_tokens)
+            if known is None:
+                text, detok_s = await _detokenize(gen, unscored.text_tokens)
+            else:
+                text, detok_s = known, 0.0
             scored = _Scored(math.nan, text, 0.0, detokenize_s=detok_s)
             proposal = unscored
         else:
-            scored = await _score(spec, gen, rm, unscored)
+            scored = await _score(spec, gen, rm, unscored, known)
             proposal = make_proposal(plan, current, tokens, finish, scored.reward, logprobs)
     text = scored.text
     decision = decide(spec.kernel, plan, current, proposal, unusable)

@@ -39,12 +39,14 @@ async def drive(
     """
     started = time.monotonic()
     taken = 0
+    known = None  # the chain as this driver's last commit left it
     wake: list[tuple[int, int]] = []
     gauge = service.metrics.in_flight
     gauge.inc()
     try:
         while True:
-            out = await service.take(chain_id, step, ready_at)
+            out = await service.take(chain_id, step, ready_at, known)
+            known = out.row
             ready_at = time.time()
             taken += 1
             if out.wake and on_wake is not None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qalign.storage.repo import ChainRow
 
 
 class Result(StrEnum):
@@ -31,3 +35,6 @@ class Outcome:
     # (chain, step) hints for other chains, handed on whatever this chain does next: chains
     # that waited at a `stop_when` checkpoint this step released
     wake: tuple[tuple[int, int], ...] = ()
+    # COMMITTED: the chain as the commit left it (what a read would return), for the driver's
+    # next step; not part of the outcome's identity
+    row: ChainRow | None = field(default=None, compare=False, repr=False)

@@ -269,8 +269,8 @@ class StepService:
         self._specs[run_id] = (now + SPEC_TTL_S, sweep_id, spec)
         return sweep_id, spec
 
-    def _load(self, chain_id: int) -> _Loaded:
-        chain = repo.read_chain(self.sessions, chain_id)
+    def _load(self, chain_id: int, known: repo.ChainRow | None = None) -> _Loaded:
+        chain = known if known is not None else repo.read_chain(self.sessions, chain_id)
         sweep_id, spec = self.run_spec(chain.run_id)
         return _Loaded(
             chain=chain,
@@ -282,10 +282,19 @@ class StepService:
 
     # ---- one step ----------------------------------------------------------------------------
 
-    async def take(self, chain_id: int, step: int, ready_at: float | None = None) -> Outcome:
+    async def take(
+        self,
+        chain_id: int,
+        step: int,
+        ready_at: float | None = None,
+        known: repo.ChainRow | None = None,
+    ) -> Outcome:
         """Take step `step` of chain `chain_id` if it is the chain's next step; see module doc.
 
         Args:
+            known: the chain as this process's commit of step `step` - 1 left it
+                (`Outcome.row`), instead of reading it again. Safe even if the chain changed
+                since: the commit is a compare-and-set on the stored chain.
             ready_at: when the step became runnable (`time.time()`: its hint was enqueued, its
                 retry delay ran out, or the chain's previous step committed); the step's
                 `queue_seconds` run from then to when it gets its `execution.concurrency` slot.
@@ -298,7 +307,7 @@ class StepService:
         ready = time.time() if ready_at is None else ready_at
         t_sql = time.perf_counter()
         try:
-            loaded = await self.db(self._load, chain_id)
+            loaded = await self.db(self._load, chain_id, known)
         except ChainNotFoundError:
             raise  # a hint about no chain of this database: the runner's business, not a step's
         except Exception as exc:
@@ -349,30 +358,30 @@ class StepService:
             return await self._failed(loaded, step, exc)
         rec = proposed.record
         t_sql = time.perf_counter()
+        params = step_params(chain, rec, self.worker, proposed.queue_s)
         try:
-            moved = await self.db(
-                repo.commit_step,
-                self.sessions,
-                step_params(chain, rec, self.worker, proposed.queue_s),
-            )
+            target = await self.db(repo.commit_step, self.sessions, params)
         except Exception as exc:
             if _database_error(exc):
                 return self._database_trouble(chain_id, step, exc)
             return await self._failed(loaded, step, exc)
-        if not moved:
+        if target is None:
             return Outcome(chain_id, step, Result.DUPLICATE, run_id=chain.run_id)
         sql_s += time.perf_counter() - t_sql
         self.metrics.step_committed(rec.generator_s, rec.reward_s, sql_s)
-        done = step >= chain.target_steps
-        if done:
-            done = await self._still_done(chain_id, step)
+        # The commit read the stored target: a `qalign sweep extend` made since the chain was
+        # read counts (the commit itself left the chain `running` then).
+        done = step >= target
+        status = ChainStatus.DONE.value if done else ChainStatus.RUNNING.value
         return Outcome(
             chain_id,
             step,
             Result.COMMITTED,
             next_step=None if done else step + 1,
-            chain_status=ChainStatus.DONE.value if done else ChainStatus.RUNNING.value,
+            chain_status=status,
             run_id=chain.run_id,
+            # the chain as this commit left it: the driver's next step need not read it back
+            row=repo.committed_row(chain, step, target, rec.state, rec.state_text),
         )
 
     def _checkpoint(
@@ -438,19 +447,6 @@ class StepService:
             and s.status not in repo.FINAL
             and rule.is_checkpoint(s.current_step)
         )
-
-    async def _still_done(self, chain_id: int, step: int) -> bool:
-        """Whether step `step` is still the chain's last once committed: `qalign sweep extend`
-        may have raised its target since the chain was read (the commit itself decided the
-        status from the stored target, so the chain is then `running` or reopened `pending`).
-        A database error here leaves the chain to the extension's own hints."""
-        try:
-            return step >= await self.db(repo.chain_target, self.sessions, chain_id)
-        except Exception as exc:
-            if _database_error(exc):
-                log.warning("chain %d: cannot re-read its target after step %d", chain_id, step)
-                return True
-            raise
 
     def _precheck(self, chain: repo.ChainRow, step: int, spec: RunSpec) -> Outcome | None:
         """The outcome when step `step` is not this chain's next step, else None.

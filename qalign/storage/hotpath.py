@@ -67,11 +67,12 @@ def _sqlite(sql: str) -> str:
 
 
 _PG_COMMIT = (
-    "WITH moved AS (" + _UPDATE_SQL.format(json="::json") + " RETURNING id) "
+    "WITH moved AS (" + _UPDATE_SQL.format(json="::json") + " RETURNING id, target_steps) "
     f"INSERT INTO proposals ({', '.join(_PROPOSAL_COLUMNS)}) "
-    f"SELECT {', '.join(_param(c, True) for c in _PROPOSAL_COLUMNS)} FROM moved RETURNING id"
+    f"SELECT {', '.join(_param(c, True) for c in _PROPOSAL_COLUMNS)} FROM moved "
+    "RETURNING (SELECT target_steps FROM moved)"
 )
-_SQLITE_UPDATE = _sqlite(_UPDATE_SQL.format(json=""))
+_SQLITE_UPDATE = _sqlite(_UPDATE_SQL.format(json="") + " RETURNING target_steps")
 _SQLITE_INSERT = _sqlite(
     f"INSERT INTO proposals ({', '.join(_PROPOSAL_COLUMNS)}) "
     f"VALUES ({', '.join(_param(c, False) for c in _PROPOSAL_COLUMNS)})"
@@ -146,12 +147,14 @@ def read_chain(engine: Engine, chain_id: int) -> tuple[Any, ...] | None:
     return tuple(row)
 
 
-def commit(engine: Engine, params: dict[str, Any]) -> bool:
+def commit(engine: Engine, params: dict[str, Any]) -> int | None:
     """Move the chain from `prev` to `step` and insert its proposal, atomically.
 
-    Returns False (and changes nothing) when the chain is not at `prev` or is finished, or when
-    a proposal for (chain, step) exists. `params` holds every proposal column plus the chain's
-    new state; list values of the JSON columns are encoded here.
+    Returns the chain's stored `target_steps` as the move saw it (so the caller knows whether
+    the step was the last without another read), or None (and changes nothing) when the chain
+    is not at `prev` or is finished, or when a proposal for (chain, step) exists. `params` holds
+    every proposal column plus the chain's new state; list values of the JSON columns are
+    encoded here.
     """
     p = dict(params)
     p["accepted_inc"] = int(p["step"] > 0 and bool(p["accepted"]))
@@ -163,9 +166,10 @@ def commit(engine: Engine, params: dict[str, Any]) -> bool:
         import psycopg
 
         try:
-            return _pg_one(engine, _PG_COMMIT, p) is not None
+            row = _pg_one(engine, _PG_COMMIT, p)
         except psycopg.IntegrityError:
-            return False
+            return None
+        return None if row is None else int(row[0])
     conn = engine.raw_connection()
     try:
         import sqlite3
@@ -174,16 +178,16 @@ def commit(engine: Engine, params: dict[str, Any]) -> bool:
         cur = conn.cursor()
         try:
             cur.execute("BEGIN IMMEDIATE")
-            cur.execute(_SQLITE_UPDATE, p)
-            if cur.rowcount != 1:
+            moved = cur.execute(_SQLITE_UPDATE, p).fetchone()
+            if moved is None:
                 conn.rollback()
-                return False
+                return None
             cur.execute(_SQLITE_INSERT, p)
             conn.commit()
-            return True
+            return int(moved[0])
         except sqlite3.IntegrityError:
             conn.rollback()
-            return False
+            return None
         except BaseException:
             conn.rollback()
             raise

@@ -7,6 +7,7 @@ compare-and-set on `current_step`).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import math
@@ -367,6 +368,28 @@ class ChainRow:
     updated_at: dt.datetime
 
 
+def committed_row(chain: ChainRow, step: int, target: int, state: State, text: str) -> ChainRow:
+    """`chain` as `commit_step` left it after step `step` (the stored target it returned, the new
+    state), equal to what `read_chain` would read back: a driver going on with the chain needs
+    no second read. Stored values are normalised the way the commit stores them."""
+    lps = _json_logprobs(state.logprobs)
+    return dataclasses.replace(
+        chain,
+        target_steps=target,
+        current_step=step,
+        status=ChainStatus.DONE.value if step >= target else ChainStatus.RUNNING.value,
+        attempts=0,
+        state=State(
+            tokens=tuple(state.tokens),
+            reward=state.reward,
+            finish=state.finish,
+            logprobs=None if lps is None else tuple(lps),
+        ),
+        state_text=_text(text),
+        updated_at=utcnow(),
+    )
+
+
 def read_chain(sessions: Sessions, chain_id: int) -> ChainRow:
     """One primary-key read of the chain; `LookupError` when there is no such chain."""
     row = hotpath.read_chain(_engine(sessions), chain_id)
@@ -525,8 +548,9 @@ STEP_PARAMS = (
 )  # fmt: skip
 
 
-def commit_step(sessions: Sessions, params: dict[str, Any]) -> bool:
-    """Append a proposal and move its chain, atomically; False if the step was already taken.
+def commit_step(sessions: Sessions, params: dict[str, Any]) -> int | None:
+    """Append a proposal and move its chain, atomically; returns the chain's stored
+    `target_steps` as the move saw it, or None if the step was already taken.
 
     `params` holds exactly `STEP_PARAMS` (the proposal's columns and the chain's new state).
     The chain becomes `done` when `step` reaches its stored `target_steps` (read by the commit

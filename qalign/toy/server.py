@@ -12,7 +12,11 @@ SGLang native
     ``POST /generate``, ``POST /classify`` (body with ``text`` / ``input_ids``),
     ``GET /get_model_info`` (``/health`` is shared; ``/detokenize`` answers both layouts).
 Toy extras
-    ``GET /metrics``: JSON counters (requests by endpoint, faults, generated tokens...).
+    ``GET /metrics``: JSON counters (requests by endpoint, faults, generated tokens...) and the
+    wall-clock span of the model work it served (``first_request_at``, ``last_response_at``:
+    the first work request's arrival and the last work answer, over tokenize, detokenize,
+    generation and scoring), so a benchmark times every client alike, from the server.
+    ``POST /admin/metrics/reset``: zero those counters between measurements.
     ``GET /admin/faults``, ``POST /admin/faults``: read or change the fault injection switches
     while the server runs (JSON with any of ``error_rate``, ``hang_rate``, ``hang_seconds``,
     ``malformed_rate``, ``nan_rate``, ``echo_auth``, ``seeded_errors``,
@@ -99,6 +103,7 @@ ENDPOINTS = (
     "/get_model_info",
     "/metrics",
     "/admin/faults",
+    "/admin/metrics/reset",
 )
 FAULT_KINDS = ("error", "hang", "malformed", "nan", "seeded_error")
 
@@ -498,6 +503,8 @@ class _Stats:
         # scoring requests answered with the sigmoid applied: a client's startup probe of
         # use_activation sends one, so tests can tell probes from scoring
         self.activated_requests = 0
+        self.first_request_at: float | None = None  # time.time() of the first work request
+        self.last_response_at: float | None = None  # ... and of the last work answer
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -513,6 +520,8 @@ class _Stats:
             "template_kwargs": dict(self.template_kwargs),
             "prompt_logprob_tokens": self.prompt_logprob_tokens,
             "activated_requests": self.activated_requests,
+            "first_request_at": self.first_request_at,
+            "last_response_at": self.last_response_at,
         }
 
 
@@ -694,7 +703,11 @@ _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 _FAULTY_ENDPOINTS = frozenset((*GENERATE_ENDPOINTS, *SCORE_ENDPOINTS))
-_OPEN_ENDPOINTS = frozenset(("/health", "/metrics", "/admin/faults"))  # no API key needed
+_OPEN_ENDPOINTS = frozenset(("/health", "/metrics", "/admin/faults", "/admin/metrics/reset"))
+# the endpoints whose requests are model work (the activity span in /metrics)
+_WORK_ENDPOINTS = frozenset(
+    ("/tokenize", "/detokenize", "/v1/completions", "/classify", "/pooling", "/generate")
+)
 
 
 def _malformed(resp: web.Response) -> web.Response:
@@ -709,9 +722,20 @@ def _handler(state: _ToyState, endpoint: str, fn: _Handler, *, sglang: bool = Fa
     key = state.options.api_key
     expected = None if key is None or endpoint in _OPEN_ENDPOINTS else f"Bearer {key}".encode()
 
+    work = endpoint in _WORK_ENDPOINTS
+
     async def handle(request: web.Request) -> web.StreamResponse:
         stats.requests[endpoint] += 1
+        if work and stats.first_request_at is None:
+            stats.first_request_at = time.time()
         auth = request.headers.get("Authorization")
+        try:
+            return await _answer(request, auth)
+        finally:
+            if work:
+                stats.last_response_at = time.time()
+
+    async def _answer(request: web.Request, auth: str | None) -> web.StreamResponse:
         try:
             if expected is not None and not hmac.compare_digest((auth or "").encode(), expected):
                 raise _RequestError(401, "Unauthorized")
@@ -826,6 +850,12 @@ class _Handlers:
 
     async def get_faults(self, request: web.Request) -> web.Response:
         return web.json_response(self._faults_body())
+
+    async def reset_metrics(self, request: web.Request) -> web.Response:
+        running = self.s.stats.running_sequences  # a gauge, not a counter: keep it true
+        self.s.stats.reset()
+        self.s.stats.running_sequences = running
+        return web.json_response(self.s.stats.snapshot())
 
     async def set_faults(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
@@ -1451,6 +1481,7 @@ def create_app(options: ToyServerOptions | None = None) -> web.Application:
     r.add_get("/metrics", wrap("/metrics", h.metrics))
     r.add_get("/admin/faults", wrap("/admin/faults", h.get_faults))
     r.add_post("/admin/faults", wrap("/admin/faults", h.set_faults))
+    r.add_post("/admin/metrics/reset", wrap("/admin/metrics/reset", h.reset_metrics))
     r.add_post("/tokenize", wrap("/tokenize", h.tokenize))
     r.add_post("/detokenize", wrap("/detokenize", h.detokenize))
     r.add_post("/v1/completions", wrap("/v1/completions", h.completions))
