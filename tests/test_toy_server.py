@@ -402,6 +402,30 @@ def test_errors(url: str) -> None:
     assert status == 400
 
 
+def test_special_token_stop_strings_are_inert(url: str) -> None:
+    """The EOS text as a `stop` string, as client-side tokenizing clients (the paper authors'
+    package) send it, is accepted on both protocols and changes nothing; a stop string the toy
+    LM could emit, or the EOS text together with ignore_eos, is still refused."""
+    for stop in (["</s>"], "</s>", ["</s>", "<|end|>"]):
+        with_stop = complete(url, max_tokens=5, n=8, seed=11, stop=stop)
+        plain = complete(url, max_tokens=5, n=8, seed=11)
+        assert [c["token_ids"] for c in with_stop["choices"]] == [
+            c["token_ids"] for c in plain["choices"]
+        ]
+    # a text prompt (what such clients send) with the stop string
+    text = MODEL.decode(PROMPT[1:])  # the server adds BOS itself
+    out = ok(url, "/v1/completions", {"prompt": text, "max_tokens": 3, "stop": ["</s>"]})
+    assert out["choices"][0]["finish_reason"] in ("stop", "length")
+    for extra in ({"stop": ["</s>", "yes"]}, {"stop": ["</s>"], "ignore_eos": True}):
+        status, err = call(url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, **extra})
+        assert status == 400 and err["error"]["param"] == "stop", err
+    params = {"max_new_tokens": 2, "stop": ["</s>"]}
+    assert ok(url, "/generate", {"input_ids": PROMPT, "sampling_params": params})["output_ids"]
+    params = {"max_new_tokens": 2, "stop": ["so"]}
+    status, _ = call(url, "/generate", {"input_ids": PROMPT, "sampling_params": params})
+    assert status == 400
+
+
 # ---- switches, faults, latency -----------------------------------------------------------------
 
 

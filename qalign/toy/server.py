@@ -36,7 +36,9 @@ Behaviour that matters for exactness, imitated from the real servers:
   (vLLM ``stop_reason`` null for EOS, the int id for a ``stop_token_ids`` hit) or ``"length"``.
 * Only neutral sampling settings are accepted (``top_p`` 1, ``top_k`` -1/0, ``min_p`` 0, neutral
   penalties, no stop strings / min_tokens / logit_bias...): anything else is a 400, because the
-  target distribution would silently change.
+  target distribution would silently change. The one exception: ``stop`` strings that are
+  special-token texts (such as the EOS text ``"</s>"`` that client-side tokenizing clients
+  send), which the toy LM can never emit, so they change nothing.
 * Temperature ``< 1e-5`` is greedy (argmax), like vLLM / SGLang.
 * ``seed``: every sequence gets its own ``random.Random`` seeded from (seed + sample index within
   the prompt's ``n``, prompt ids) -- vLLM's rule (child k of ``n`` uses ``seed + k``; the same seed
@@ -461,6 +463,26 @@ _MUST_BE_EMPTY = (
 _MUST_BE_FALSE = ("stream", "echo", "use_beam_search")
 
 
+def _inert_stop(params: Mapping[str, Any]) -> bool:
+    """Whether `stop` holds only special-token texts that cannot end a toy sequence early.
+
+    Clients that tokenize client-side (the paper authors' package) pass the tokenizer's EOS text
+    as a stop string. The toy LM samples only words and EOS, and EOS already stops it, so a
+    special token's text can never appear in generated text: such a `stop` changes nothing.
+    With ignore_eos the EOS text could be emitted, so there it is still refused.
+    """
+    stop = params.get("stop")
+    strings = [stop] if isinstance(stop, str) else stop
+    return (
+        isinstance(strings, list)
+        and all(isinstance(x, str) and x in _SPECIAL_TEXTS for x in strings)
+        and not params.get("ignore_eos")
+    )
+
+
+_SPECIAL_TEXTS = frozenset(SPECIALS.values())
+
+
 def _check_neutral(params: Mapping[str, Any]) -> None:
     """Reject every setting that would make the served distribution differ from the toy LM."""
     for key, allowed, what in _NEUTRAL_CHECKS:
@@ -471,6 +493,8 @@ def _check_neutral(params: Mapping[str, Any]) -> None:
                 key,
             )
     for key in _MUST_BE_EMPTY:
+        if key == "stop" and _inert_stop(params):
+            continue
         if params.get(key) not in (None, "", [], {}):
             raise _bad(f"the toy server does not support {key!r}", key)
     for key in _MUST_BE_FALSE:
