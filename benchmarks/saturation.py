@@ -15,7 +15,8 @@ Every figure is a whole-span figure, timed alike for every client by the servers
 all steps (chains x (steps + 1)) divided by the seconds from the first request either server
 received to the last answer either sent (the toy servers' `first_request_at` /
 `last_response_at`, reset before each measurement). Start-up probes, the prompt's templating,
-the last chains' tail: all inside. For the modes that store proposals, the old steady-state
+the last chains' tail: all inside. (The reference's span starts at the first request its
+`run` sends: its driver's own set-up checks before that are not the reference's work.) For the modes that store proposals, the old steady-state
 figure (committed steps between the 10 % and 90 % marks of `proposals.created_at`) is kept
 beside it as `window`.
 
@@ -367,6 +368,10 @@ def measure(
     firsts = [x["first_request_at"] for x in (g, m) if x["first_request_at"] is not None]
     lasts = [x["last_response_at"] for x in (g, m) if x["last_response_at"] is not None]
     span = max(lasts) - min(firsts)
+    if mode == "reference":
+        # Its driver checks the toy tokenizer against the server before `run` starts (not the
+        # reference's work): its span is its own, from the first request `run` sends.
+        span = r["seconds"]
     total = args.chains * (args.steps + 1)
     mean_tokens = g["generated_tokens"] / max(1, g["sequences"])
     ceiling = prof["capacity"] / (prof["latency_base"] + prof["latency_per_token"] * mean_tokens)

@@ -107,7 +107,11 @@ async def templated_prompt(
         PromptTooLongError: the templated prompt is longer than `max_prompt_length` (a prompt is
             never cut: that would change the question).
     """
-    ids = await gen.chat_prompt(messages)
+    return check_prompt_length(await gen.chat_prompt(messages), max_prompt_length)
+
+
+def check_prompt_length(ids: list[int], max_prompt_length: int) -> list[int]:
+    """`ids` if the templated prompt fits `max_prompt_length`, else PromptTooLongError."""
     if len(ids) > max_prompt_length:
         raise PromptTooLongError(
             f"the templated prompt is {len(ids)} tokens, over max_prompt_length="

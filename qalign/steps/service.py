@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from qalign.clients.base import Conversation, Generator
 from qalign.clients.credentials import api_key
 from qalign.clients.errors import ClientError, CredentialsError, PromptTooLongError
 from qalign.clients.registry import ClientRegistry
@@ -40,9 +41,9 @@ from qalign.sampling.smc import Start, smc_block
 from qalign.sampling.step import (
     ChainSpec,
     StepRecord,
+    check_prompt_length,
     initial_step,
     mcmc_step,
-    templated_prompt,
     warm_start_step,
 )
 from qalign.steps.metrics import DATABASE_UNAVAILABLE, StepMetrics
@@ -247,6 +248,8 @@ class StepService:
         self._limits: dict[int, tuple[int, asyncio.Semaphore]] = {}
         self._verdicts: dict[tuple[int, int, int], bool] = {}
         self._verdicts_lock = threading.Lock()  # filled from the database threads
+        self._templating: dict[tuple[int, str], asyncio.Future[list[int]]] = {}
+        self._saved: set[tuple[int, str]] = set()  # prompt encodings this process stored
 
     # ---- database ----------------------------------------------------------------------------
 
@@ -507,8 +510,12 @@ class StepService:
         rm = await self.clients.reward(spec.reward) if spec.reward is not None else None
         prompt_ids = loaded.prompt_ids
         if prompt_ids is None:
-            prompt_ids = await templated_prompt(gen, loaded.messages, spec.max_prompt_length)
-            await self.db(repo.save_encoding, self.sessions, chain.prompt_id, gen.model, prompt_ids)
+            prompt_ids = await self._template(chain.prompt_id, gen, loaded.messages)
+            prompt_ids = check_prompt_length(prompt_ids, spec.max_prompt_length)
+            key = (chain.prompt_id, gen.model)
+            if key not in self._saved:  # a prompt's chains all start at once: store it once
+                self._saved.add(key)
+                await self.db(repo.save_encoding, self.sessions, *key, prompt_ids)
         chain_spec = ChainSpec(
             key=chain.rng_key,
             seed=chain.seed,
@@ -528,6 +535,25 @@ class StepService:
                 f"chain {chain.chain_id} has no state or reward model before step {step}"
             )
         return await mcmc_step(chain_spec, chain.state, chain.state_text or "", step, gen, rm)
+
+    async def _template(self, prompt_id: int, gen: Generator, messages: Conversation) -> list[int]:
+        """The generator's templated ids of a prompt, asked once however many of its chains
+        start together (before the encoding is stored, each would ask)."""
+        key = (prompt_id, gen.model)
+        task = self._templating.get(key)
+        if task is None or task.get_loop() is not asyncio.get_running_loop():
+            task = asyncio.ensure_future(gen.chat_prompt(messages))
+            self._templating[key] = task
+
+            def forget(done: asyncio.Future[list[int]]) -> None:
+                # in flight only: a failure is asked again by the next attempt
+                if self._templating.get(key) is done:
+                    del self._templating[key]
+                if not done.cancelled():
+                    done.exception()  # retrieved here even if every waiter was cancelled
+
+            task.add_done_callback(forget)
+        return list(await asyncio.shield(task))
 
     async def _failed(self, loaded: _Loaded, step: int, exc: BaseException) -> Outcome:
         """Record a failed attempt against this chain only."""
