@@ -17,6 +17,9 @@ fi
 export QALIGN_REQUIRE_REAL_SERVERS="${QALIGN_REQUIRE_REAL_SERVERS:-1}"
 # Without a browser the dashboard tests fail here instead of skipping (tests/test_dashboard.py).
 export QALIGN_REQUIRE_BROWSER="${QALIGN_REQUIRE_BROWSER:-1}"
+# Without root or `ip netns` the multi-host test fails here instead of skipping
+# (tests/test_multihost.py).
+export QALIGN_REQUIRE_NETNS="${QALIGN_REQUIRE_NETNS:-1}"
 # A qalign* file left in the system temp folder fails the session (tests/tmpguard.py).
 export QALIGN_TMP_GUARD="${QALIGN_TMP_GUARD:-fail}"
 # the slowest tests are printed so the CI log shows where its time goes
