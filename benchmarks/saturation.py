@@ -16,14 +16,15 @@ all steps (chains x (steps + 1)) divided by the seconds from the first request e
 received to the last answer either sent (the toy servers' `first_request_at` /
 `last_response_at`, reset before each measurement). Start-up probes, the prompt's templating,
 the last chains' tail: all inside. (The reference's span starts at the first request its
-`run` sends: its driver's own set-up checks before that are not the reference's work.) For the modes that store proposals, the old steady-state
-figure (committed steps between the 10 % and 90 % marks of `proposals.created_at`) is kept
-beside it as `window`.
+`run` sends: its driver's own set-up checks before that are not the reference's work.) For
+the modes that store proposals, the old steady-state figure (committed steps between the 10 %
+and 90 % marks of `proposals.created_at`) is kept beside it as `window`.
 
 Modes, measured in turn within each repetition (so each comparison is within one run):
 
-* `bare`       -- `benchmarks/bare_client.py`: the same requests per step from a minimal aiohttp
-                  loop that persists nothing (the baseline for client overhead)
+* `bare`       -- `benchmarks/bare_client.py`: a step's requests (generate, detokenize,
+                  classify) from a minimal aiohttp loop that caches and persists nothing
+                  (the baseline for client overhead)
 * `reference`  -- the reference implementation (`quest-alignment` from PyPI, in its own cached
                   venv; see benchmarks/reference.py), when it can be installed here
 * `run`        -- `qalign run CONFIG` (SQLite, embedded runner, --concurrency 4*C)
@@ -336,12 +337,15 @@ def measure_reference_mode(
     return res
 
 
-def reference_available() -> str | None:
-    """None when the reference implementation can run here, else why not."""
+def reference_available(build: bool) -> str | None:
+    """None when the reference implementation can run here, else why not (`build`: install
+    its cached environment when missing; else only use one that is there)."""
     try:
-        from reference import ensure_reference_env
+        from reference import ensure_reference_env, reference_env_ready
     except ImportError as exc:
         return f"benchmarks/reference.py: {exc}"
+    if not build and not reference_env_ready():
+        return "its cached environment is not built (python benchmarks/reference.py builds it)"
     try:
         ensure_reference_env()
     except Exception as exc:  # any failure to install it means "not measured"
@@ -467,7 +471,7 @@ def main() -> None:
     modes = args.modes.split(",")
     skipped: dict[str, str] = {}
     if "reference" in modes:
-        why = reference_available()
+        why = reference_available(build=not args.quick)
         if why is not None:
             print(f"reference implementation not measured: {why}", flush=True)
             skipped["reference"] = why

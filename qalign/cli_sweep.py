@@ -753,6 +753,15 @@ def _wait_for_database(url: str, wait: float) -> None:
     help="Seconds a task keeps one chain before handing it on ($QALIGN_TASK_BUDGET_S).",
 )
 @click.option(
+    "--hand-on",
+    envvar="QALIGN_HAND_ON",
+    type=click.Choice(["contended", "always"]),
+    default="contended",
+    show_default=True,
+    help="When a task past its budget hands its chain on: only while other chains wait for a "
+    "slot (contended), or always ($QALIGN_HAND_ON).",
+)
+@click.option(
     "--db-wait",
     default=120.0,
     show_default=True,
@@ -777,6 +786,7 @@ def worker_command(
     node_name: str | None,
     steps_per_task: int,
     task_budget: float,
+    hand_on: str,
     db_wait: float,
     loglevel: str,
     metrics_port: int,
@@ -806,6 +816,7 @@ def worker_command(
         concurrency=concurrency,
         steps_per_task=steps_per_task,
         task_budget_s=task_budget,
+        hand_on=hand_on,
         loglevel=loglevel,
         metrics_port=metrics_port,
     )

@@ -203,7 +203,9 @@ class FakeVLLM(Fake):
         offset = 0.0
         if "messages" in body:
             if not self.chat_classify:
-                return web.json_response({"error": {"message": "input: Field required"}}, status=400)
+                return web.json_response(
+                    {"error": {"message": "input: Field required"}}, status=400
+                )
             tok = {"messages": body["messages"], "add_generation_prompt": False}
             inputs = [self.tokenize(tok)["tokens"]]
             offset = self.chat_offset

@@ -129,7 +129,7 @@ def test_poison_messages_are_dropped_and_the_sweep_completes(
             pg_url,
             broker,
             concurrency=4,
-            env={"QALIGN_STEPS_PER_TASK": "1"},
+            env={"QALIGN_STEPS_PER_TASK": "1", "QALIGN_HAND_ON": "always"},
             log_dir=tmp_path,
         )
         with workers(worker):

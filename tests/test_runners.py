@@ -708,6 +708,7 @@ COVERED = {
     "qalign worker --name": CELERY + "test_sweep_end_to_end_with_two_named_workers",
     "qalign worker --steps-per-task": CELERY + "test_a_task_runs_several_steps_of_its_chain",
     "qalign worker --task-budget": "test_runners.py::test_worker_flags_take_effect",
+    "qalign worker --hand-on": CELERY + "test_a_task_runs_several_steps_of_its_chain",
     "qalign worker --queue": "test_runners.py::test_worker_flags_take_effect",
     "qalign worker --db-wait": "test_chaos.py::"
     + "test_worker_started_while_the_database_restarts_waits_for_it",
@@ -885,7 +886,8 @@ def test_worker_flags_take_effect(
         sent = cli("sweep", "run", name, "--database", celery_db, env=other_queue)
         assert "enqueued 6" in sent.stdout, sent.stderr
         w = Worker("flags@host", celery_db, broker, concurrency=2,
-                   args=("--task-budget", "0.001"), log_dir=tmp_path)  # fmt: skip
+                   args=("--task-budget", "0.001", "--hand-on", "always"),
+                   log_dir=tmp_path)  # fmt: skip
         with workers(w):
             # the worker consumes its own queue only: nothing moves until its queue gets hints
             runner = CeleryRunner(celery_db, tmp_path, broker, w)

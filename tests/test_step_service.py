@@ -301,3 +301,50 @@ def test_a_driver_reads_its_chain_once_and_goes_on_from_its_own_commits(
             assert list(stored.state.tokens) == c.state_tokens
     finally:
         engine.dispose()
+
+
+def test_past_its_budget_a_driver_keeps_its_chain_while_no_other_chain_waits() -> None:
+    asked: list[bool] = []
+
+    def contended(answer: bool) -> Any:
+        def ask() -> bool:
+            asked.append(answer)
+            return answer
+
+        return ask
+
+    budget = Budget(steps=2)
+    out = committed(3)
+    assert after_step(out, taken=1, budget=budget, contended=contended(True)).action is (
+        Action.CONTINUE
+    )
+    assert asked == []  # asked only once the budget is spent
+    assert after_step(out, taken=2, budget=budget, contended=contended(True)).action is (
+        Action.HAND_ON
+    )
+    assert after_step(out, taken=2, budget=budget, contended=contended(False)).action is (
+        Action.CONTINUE
+    )
+    assert after_step(out, taken=9, budget=budget).action is Action.HAND_ON  # no check: hand on
+    # a shutdown hands on whatever the backlog
+    assert after_step(out, taken=1, budget=budget, stopping=True,
+                      contended=contended(False)).action is Action.HAND_ON  # fmt: skip
+    assert asked == [True, False]
+
+
+def test_the_backlog_is_the_broker_queue_or_reserved_messages(broker: Any) -> None:
+    from qalign.dispatch.celery import BrokerSettings, celery_app
+    from qalign.workers.backlog import Backlog
+
+    app = celery_app(BrokerSettings(url=broker.url, queue=broker.queue))
+    backlog = Backlog(app, broker.queue, every=0.0)
+    assert backlog() is False  # nothing declared yet, nothing waits
+    broker.dispatcher().enqueue(1, 0)
+    assert broker.queued() == 1
+    assert backlog() is True
+    broker.flush()
+    assert backlog() is False
+    cached = Backlog(app, broker.queue, every=3600.0)
+    assert cached() is False
+    broker.dispatcher().enqueue(1, 0)
+    assert cached() is False  # within `every`: the last answer

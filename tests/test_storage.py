@@ -757,6 +757,52 @@ def test_committed_row_is_what_reading_the_chain_back_returns(
     assert abs((row.updated_at - read.updated_at).total_seconds()) < 60
 
 
+def test_steps_committed_together_are_each_their_own_compare_and_set(migrated: Engine) -> None:
+    """`commit_steps` (SQLite: one transaction) gives each step what `commit_step` alone
+    would: stale and duplicate steps change nothing, the others commit."""
+    from qalign.storage import repo
+
+    sessions = make_sessionmaker(migrated)
+    with sessions.begin() as s:
+        _, run, prompt, chain = _graph(s)
+        run.config = {"generator_model": "gen", "beta": 1.0}
+        chain.target_steps = 2
+        other = Chain(run_id=run.id, prompt_id=prompt.id, chain_index=1, seed=1, rng_key="k1",
+                      target_steps=5, current_step=-1, status="pending", attempts=0)  # fmt: skip
+        s.add(other)
+        s.flush()
+        a, b = chain.id, other.id
+    assert repo.commit_steps(sessions, [_step_params(a, 0, (5, 6)), _step_params(b, 0, (7,))]) == [
+        2,
+        5,
+    ]
+    got = repo.commit_steps(
+        sessions,
+        [
+            _step_params(a, 0, (9,)),  # a redelivered step 0: a duplicate
+            _step_params(a, 1, (5, 8)),
+            _step_params(b, 2, (7, 7)),  # chain b is at step 0: not its next step
+            _step_params(b, 1, (7, 3)),
+        ],
+    )
+    assert got == [None, 2, None, 5]
+    # A proposal that exists without its chain having moved: the batch goes again step by
+    # step, and only that step is refused.
+    with sessions.begin() as s:
+        c = s.get(Chain, a)
+        assert c is not None
+        s.add(_proposal(c, 2))
+    got = repo.commit_steps(sessions, [_step_params(a, 2, (1,)), _step_params(b, 2, (7, 4))])
+    assert got == [None, 5]
+    with sessions() as s:
+        steps = s.execute(select(Proposal.chain_id, Proposal.step).order_by(Proposal.id)).all()
+        ca, cb = s.get(Chain, a), s.get(Chain, b)
+        assert ca is not None and cb is not None
+        assert (ca.current_step, ca.status, cb.current_step, cb.status) == (1, "running", 2,
+                                                                           "running")  # fmt: skip
+    assert sorted(steps) == [(a, 0), (a, 1), (a, 2), (b, 0), (b, 1), (b, 2)]
+
+
 def test_chain_counters_are_backfilled_by_their_migration(engine: Engine) -> None:
     """0004 fills the status counters of chains that already have proposals."""
     upgrade(engine, "0003_step_errors")

@@ -217,11 +217,14 @@ def _chain_ids(db_url):
         return s.execute(select(Chain.id).order_by(Chain.id)).scalars().all()
 
 
-def test_a_task_runs_several_steps_of_its_chain(pg_url, tmp_path, toy, broker):
-    """QALIGN_STEPS_PER_TASK=3: 7 steps per chain take 3 messages, and each step commits once."""
+@pytest.mark.parametrize(("hand_on", "messages"), [("always", 3), ("contended", 1)])
+def test_a_task_runs_several_steps_of_its_chain(pg_url, tmp_path, toy, broker, hand_on, messages):
+    """QALIGN_STEPS_PER_TASK=3: with --hand-on always, 7 steps per chain take 3 messages; with
+    the default (hand on only while other chains wait), 4 chains on 4 threads never wait, so
+    each chain's first task takes all 7. Either way each step commits once."""
     cfg = sweep_config("multistep", *toy, prompts=2, beta=1.0, steps=6, chains=2)
     _create(pg_url, tmp_path, cfg, broker)
-    env = {"QALIGN_STEPS_PER_TASK": "3"}
+    env = {"QALIGN_STEPS_PER_TASK": "3", "QALIGN_HAND_ON": hand_on}
     with workers(Worker("multi@host", pg_url, broker, concurrency=4, env=env)) as (w,):
         assert (
             cli("sweep", "run", "multistep", "--database", pg_url, env=broker.env()).returncode == 0
@@ -232,7 +235,7 @@ def test_a_task_runs_several_steps_of_its_chain(pg_url, tmp_path, toy, broker):
     received = [
         ln for ln in w.output().splitlines() if "Task qalign.step[" in ln and "received" in ln
     ]
-    assert len(received) == 4 * 3
+    assert len(received) == 4 * messages
 
 
 def test_a_stale_redelivery_adopts_an_orphaned_chain(pg_url, tmp_path, toy, broker):

@@ -27,6 +27,7 @@ async def drive(
     on_outcome: Callable[[Outcome], None] | None = None,
     on_wake: Callable[[Sequence[tuple[int, int]]], object] | None = None,
     ready_at: float | None = None,
+    contended: Callable[[], bool] | None = None,
 ) -> tuple[Outcome, Next]:
     """Take steps of one chain from `step` until the policy says anything but continue.
 
@@ -34,6 +35,9 @@ async def drive(
     wait for this chain's driver to stop; without it they come back in the returned `Next`.
     `ready_at` (`time.time()`) is when the first step became runnable (None: now); each next
     step is runnable as soon as the previous one has committed.
+
+    `contended` tells whether other chains wait for a slot once the budget is spent (see
+    `after_step`).
 
     Returns the last outcome and what follows it (a retry, a hand-on, or stop).
     """
@@ -61,6 +65,7 @@ async def drive(
                 elapsed=time.monotonic() - started,
                 budget=budget,
                 stopping=stopping(),
+                contended=contended,
             )
             if nxt.action is not Action.CONTINUE or nxt.step is None:
                 return out, dataclasses.replace(nxt, wake=tuple(wake)) if wake else nxt

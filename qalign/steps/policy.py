@@ -10,6 +10,7 @@ duplicate, skipped).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -70,6 +71,7 @@ def after_step(
     budget: Budget | None = None,
     stopping: bool = False,
     rng: random.Random | None = None,
+    contended: Callable[[], bool] | None = None,
 ) -> Next:
     """The action that follows `out`.
 
@@ -78,6 +80,9 @@ def after_step(
         elapsed: seconds this driver has spent on the chain.
         budget: when the driver hands the chain on instead of continuing.
         stopping: the process is shutting down: hand on rather than continue.
+        contended: asked once the budget is spent: whether other chains wait for a slot. If
+            not, the driver keeps its chain past the budget (handing it on would only put it
+            back in the same empty queue); None: always hand on at the budget.
     """
     if out.result is Result.DEFERRED:
         return Next(Action.RETRY, out.step, (rng or random).uniform(*DEFERRED_S))
@@ -87,6 +92,8 @@ def after_step(
         return Next(Action.STOP)
     if out.next_step is None:
         return Next(Action.STOP)
-    if stopping or (budget is not None and budget.spent(taken, elapsed)):
+    if stopping or (
+        budget is not None and budget.spent(taken, elapsed) and (contended is None or contended())
+    ):
         return Next(Action.HAND_ON, out.next_step)
     return Next(Action.CONTINUE, out.next_step)

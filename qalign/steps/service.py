@@ -250,6 +250,7 @@ class StepService:
         self._verdicts_lock = threading.Lock()  # filled from the database threads
         self._templating: dict[tuple[int, str], asyncio.Future[list[int]]] = {}
         self._saved: set[tuple[int, str]] = set()  # prompt encodings this process stored
+        self._commits: list[tuple[dict[str, Any], asyncio.Future[int | None]]] = []
 
     # ---- database ----------------------------------------------------------------------------
 
@@ -363,7 +364,10 @@ class StepService:
         t_sql = time.perf_counter()
         params = step_params(chain, rec, self.worker, proposed.queue_s)
         try:
-            target = await self.db(repo.commit_step, self.sessions, params)
+            if self._inline:
+                target = await self._commit_together(params)
+            else:
+                target = await self.db(repo.commit_step, self.sessions, params)
         except Exception as exc:
             if _database_error(exc):
                 return self._database_trouble(chain_id, step, exc)
@@ -386,6 +390,29 @@ class StepService:
             # the chain as this commit left it: the driver's next step need not read it back
             row=repo.committed_row(chain, step, target, rec.state, rec.state_text),
         )
+
+    async def _commit_together(self, params: dict[str, Any]) -> int | None:
+        """`repo.commit_step` of `params`, in one SQLite transaction with every other step that
+        reached its commit in the same turn of the event loop (see `repo.commit_steps`)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[int | None] = loop.create_future()
+        self._commits.append((params, done))
+        if len(self._commits) == 1:
+            loop.call_soon(self._flush_commits)
+        return await done
+
+    def _flush_commits(self) -> None:
+        batch, self._commits = self._commits, []
+        try:
+            targets = repo.commit_steps(self.sessions, [p for p, _ in batch])
+        except Exception as exc:  # every step of the batch meets it, as each alone would have
+            for _, done in batch:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        for (_, done), target in zip(batch, targets, strict=True):
+            if not done.done():  # a cancelled driver: its step is committed all the same
+                done.set_result(target)
 
     def _checkpoint(
         self, chain: repo.ChainRow, at: int, rule: StopRule

@@ -560,6 +560,21 @@ def commit_step(sessions: Sessions, params: dict[str, Any]) -> int | None:
     changes nothing. Values SQL
     cannot hold are stored as described in `_text`, `_finite_or_none` and `_json_logprobs`.
     """
+    return hotpath.commit(_engine(sessions), _step_row(params))
+
+
+def commit_steps(sessions: Sessions, batch: Sequence[dict[str, Any]]) -> list[int | None]:
+    """`commit_step` for several steps at once: on SQLite in one transaction (each step still
+    its own compare-and-set), elsewhere one by one. Returns what `commit_step` would, in order."""
+    rows = [_step_row(p) for p in batch]
+    engine = _engine(sessions)
+    if engine.dialect.name == "sqlite":
+        return hotpath.commit_many_sqlite(engine, rows)
+    return [hotpath.commit(engine, r) for r in rows]
+
+
+def _step_row(params: dict[str, Any]) -> dict[str, Any]:
+    """A step's commit parameters as stored (see `commit_step`)."""
     if set(params) != set(STEP_PARAMS):
         raise ValueError(f"commit_step takes exactly {STEP_PARAMS}, got {sorted(params)}")
     p = dict(params)
@@ -578,7 +593,7 @@ def commit_step(sessions: Sessions, params: dict[str, Any]) -> int | None:
     if p["reward_terms"] is not None:
         p["reward_terms"] = {k: _finite_or_none(v) for k, v in p["reward_terms"].items()}
     p["created_at"] = utcnow()
-    return hotpath.commit(_engine(sessions), p)
+    return p
 
 
 _KIND = re.compile(r"([A-Za-z_][A-Za-z0-9_.]*): ")

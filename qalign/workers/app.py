@@ -13,6 +13,7 @@ import logging
 import math
 import random
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
@@ -26,6 +27,7 @@ from qalign.steps.metrics import StepMetrics, serve_metrics
 from qalign.steps.policy import DEFERRED_S, Action, Budget, Next
 from qalign.steps.service import DatabaseFailure, StepService
 from qalign.storage.errors import ChainNotFoundError
+from qalign.workers.backlog import Backlog
 from qalign.workers.messages import InvalidStepArgsError, drop_line, parse_step_args
 from qalign.workers.settings import WorkerSettings
 
@@ -35,9 +37,11 @@ log = logging.getLogger(__name__)
 class WorkerRuntime:
     """What the tasks of one worker process share."""
 
-    def __init__(self, settings: WorkerSettings) -> None:
+    def __init__(self, settings: WorkerSettings, backlog: Callable[[], bool] | None = None) -> None:
         self.settings = settings
         self.budget = Budget(steps=settings.steps_per_task, seconds=settings.task_budget_s)
+        # Past its budget a task keeps its chain unless other chains wait (None: always hand on)
+        self.backlog = backlog
         # Set when the worker starts a warm shutdown: tasks stop after their current step and
         # hand the chain on through the broker instead of running their remaining budget.
         self.shutting_down = threading.Event()
@@ -91,6 +95,7 @@ class WorkerRuntime:
                     stopping=self.shutting_down.is_set,
                     on_wake=dispatcher.enqueue_many,
                     ready_at=ready_at,
+                    contended=self.backlog,
                 )
             )
         except ChainNotFoundError as exc:  # a message from elsewhere, or a deleted sweep
@@ -118,7 +123,8 @@ def worker_app(settings: WorkerSettings) -> tuple[Celery, WorkerRuntime]:
     # Celery's consumer, except that kombu's AttributeError on a channel of a connection lost
     # to a broker restart does not stop the worker (see qalign.workers.consumer).
     app.conf.worker_consumer = "qalign.workers.consumer:BrokerRestartSafeConsumer"
-    runtime = WorkerRuntime(settings)
+    backlog = Backlog(app, settings.broker.queue) if settings.hand_on == "contended" else None
+    runtime = WorkerRuntime(settings, backlog)
     dispatcher = CeleryDispatcher(app)
 
     @app.task(name=STEP_TASK, bind=True, ignore_result=True)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from qalign.dispatch.celery import BrokerSettings
 
+HAND_ON = ("contended", "always")
+
 
 @dataclass(frozen=True)
 class WorkerSettings:
@@ -18,6 +20,8 @@ class WorkerSettings:
         concurrency: threads, i.e. steps of any sweep in flight at once in this process.
         steps_per_task: steps of one chain a task takes before handing the chain on.
         task_budget_s: seconds a task keeps one chain before handing it on.
+        hand_on: when a task whose budget is spent hands its chain on: "contended" (only while
+            other chains wait for a slot) or "always".
         metrics_port: serve Prometheus metrics at http://127.0.0.1:PORT/metrics (0: off).
     """
 
@@ -27,6 +31,7 @@ class WorkerSettings:
     concurrency: int = 32
     steps_per_task: int = 16
     task_budget_s: float = 10.0
+    hand_on: str = "contended"
     loglevel: str = "INFO"
     db_threads: int = 32
     metrics_port: int = 0
@@ -38,5 +43,7 @@ class WorkerSettings:
             raise ValueError(f"steps_per_task must be >= 1, got {self.steps_per_task}")
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port must be 0..65535, got {self.metrics_port}")
+        if self.hand_on not in HAND_ON:
+            raise ValueError(f"hand_on must be one of {', '.join(HAND_ON)}, not {self.hand_on!r}")
         if not self.task_budget_s > 0:
             raise ValueError(f"task_budget_s must be > 0, got {self.task_budget_s}")
