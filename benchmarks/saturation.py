@@ -16,7 +16,10 @@ all steps (chains x (steps + 1)) divided by the seconds from the first request e
 received to the last answer either sent (the toy servers' `first_request_at` /
 `last_response_at`, reset before each measurement). Start-up probes, the prompt's templating,
 the last chains' tail: all inside. (The reference's span starts at the first request its
-`run` sends: its driver's own set-up checks before that are not the reference's work.) For
+`run` sends: its driver's own set-up checks before that are not the reference's work. For
+Celery it starts at `sweep run`: the sweep was created and the workers started, idle, before,
+as in a deployment that keeps its workers running; the workers' own start-up requests on their
+first task are inside.) For
 the modes that store proposals, the old steady-state figure (committed steps between the 10 %
 and 90 % marks of `proposals.created_at`) is kept beside it as `window`.
 
@@ -231,7 +234,13 @@ def measure_run(gen: str, rm: str, chains: int, steps: int, max_new: int) -> dic
 
 
 def measure_celery(
-    gen: str, rm: str, chains: int, steps: int, max_new: int, n_workers: int
+    gen: str,
+    rm: str,
+    chains: int,
+    steps: int,
+    max_new: int,
+    n_workers: int,
+    before_run: Any = None,
 ) -> dict[str, Any]:
     import redis
 
@@ -276,6 +285,8 @@ def measure_celery(
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                 raise RuntimeError("workers did not start:\n" + logs[0].read_text())
             time.sleep(0.2)
+        if before_run is not None:
+            before_run()  # the workers are up and idle, as in a deployment that keeps them
         t0 = time.perf_counter()
         cli("sweep", "run", "sat", "--database", url, env=env)
         total = chains * (steps + 1)
@@ -367,7 +378,7 @@ def measure(
     elif mode == "run":
         r = measure_run(*sizes)
     else:
-        r = measure_celery(*sizes, int(mode.split("-")[1]))
+        r = measure_celery(*sizes, int(mode.split("-")[1]), lambda: (gen.reset(), rm.reset()))
     g, m = gen.metrics(), rm.metrics()
     firsts = [x["first_request_at"] for x in (g, m) if x["first_request_at"] is not None]
     lasts = [x["last_response_at"] for x in (g, m) if x["last_response_at"] is not None]

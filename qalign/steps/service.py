@@ -364,10 +364,7 @@ class StepService:
         t_sql = time.perf_counter()
         params = step_params(chain, rec, self.worker, proposed.queue_s)
         try:
-            if self._inline:
-                target = await self._commit_together(params)
-            else:
-                target = await self.db(repo.commit_step, self.sessions, params)
+            target = await self._commit_together(params)
         except Exception as exc:
             if _database_error(exc):
                 return self._database_trouble(chain_id, step, exc)
@@ -392,8 +389,9 @@ class StepService:
         )
 
     async def _commit_together(self, params: dict[str, Any]) -> int | None:
-        """`repo.commit_step` of `params`, in one SQLite transaction with every other step that
-        reached its commit in the same turn of the event loop (see `repo.commit_steps`)."""
+        """`repo.commit_step` of `params`, together with every other step that reached its
+        commit in the same turn of the event loop (`repo.commit_steps`: on SQLite one
+        transaction, on PostgreSQL one connection and one database-thread hand-off)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[int | None] = loop.create_future()
         self._commits.append((params, done))
@@ -403,16 +401,41 @@ class StepService:
 
     def _flush_commits(self) -> None:
         batch, self._commits = self._commits, []
-        try:
-            targets = repo.commit_steps(self.sessions, [p for p, _ in batch])
-        except Exception as exc:  # every step of the batch meets it, as each alone would have
-            for _, done in batch:
-                if not done.done():
-                    done.set_exception(exc)
+        rows = [p for p, _ in batch]
+        if self._inline:
+            try:
+                self._settle(batch, repo.commit_steps(self.sessions, rows))
+            except Exception as exc:
+                self._settle(batch, exc)
             return
-        for (_, done), target in zip(batch, targets, strict=True):
-            if not done.done():  # a cancelled driver: its step is committed all the same
-                done.set_result(target)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.db_threads, thread_name_prefix="qalign-db")
+        running = asyncio.get_running_loop().run_in_executor(
+            self._pool, repo.commit_steps, self.sessions, rows
+        )
+
+        def settle(f: asyncio.Future[list[int | None]]) -> None:
+            if f.cancelled():  # the loop is going away: so are the drivers waiting here
+                for _, done in batch:
+                    done.cancel()
+                return
+            exc = f.exception()
+            self._settle(batch, exc if exc is not None else f.result())
+
+        running.add_done_callback(settle)
+
+    @staticmethod
+    def _settle(
+        batch: list[tuple[dict[str, Any], asyncio.Future[int | None]]],
+        outcome: list[int | None] | BaseException,
+    ) -> None:
+        for i, (_, done) in enumerate(batch):
+            if done.done():  # a cancelled driver: its step is committed all the same
+                continue
+            if isinstance(outcome, BaseException):
+                done.set_exception(outcome)  # every step of the batch meets it, as alone
+            else:
+                done.set_result(outcome[i])
 
     def _checkpoint(
         self, chain: repo.ChainRow, at: int, rule: StopRule

@@ -197,6 +197,40 @@ def commit_many_sqlite(engine: Engine, batch: list[dict[str, Any]]) -> list[int 
     return [commit(engine, p) for p in batch]
 
 
+def commit_many_pg(engine: Engine, batch: list[dict[str, Any]]) -> list[int | None]:
+    """`commit` for several steps on one pooled PostgreSQL connection, one after the other.
+
+    Each statement is its own compare-and-set in autocommit mode, exactly as `commit` alone;
+    what a batch saves is a connection checkout and a hand-off to a database thread per step.
+    A connection found dead is replaced once and the batch goes on from the step that met it
+    (safe to run again: the compare-and-set).
+    """
+    import psycopg
+
+    encoded = [_encoded(p, sqlite=False) for p in batch]
+    out: list[int | None] = []
+    for attempt in (1, 2):
+        conn = engine.raw_connection()
+        try:
+            with _autocommit(conn):
+                cur = conn.cursor()
+                while len(out) < len(encoded):
+                    try:
+                        cur.execute(_PG_COMMIT, encoded[len(out)])
+                        row = cur.fetchone()
+                    except psycopg.IntegrityError:
+                        row = None
+                    out.append(None if row is None else int(row[0]))
+                return out
+        except psycopg.OperationalError:
+            if attempt == 2 or not getattr(conn.driver_connection, "broken", False):
+                raise
+            conn.invalidate()
+        finally:
+            conn.close()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def commit(engine: Engine, params: dict[str, Any]) -> int | None:
     """Move the chain from `prev` to `step` and insert its proposal, atomically.
 

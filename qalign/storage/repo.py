@@ -564,13 +564,14 @@ def commit_step(sessions: Sessions, params: dict[str, Any]) -> int | None:
 
 
 def commit_steps(sessions: Sessions, batch: Sequence[dict[str, Any]]) -> list[int | None]:
-    """`commit_step` for several steps at once: on SQLite in one transaction (each step still
-    its own compare-and-set), elsewhere one by one. Returns what `commit_step` would, in order."""
+    """`commit_step` for several steps at once: on SQLite in one transaction, on PostgreSQL one
+    statement after another on one connection; each step is still its own compare-and-set.
+    Returns what `commit_step` would, in order."""
     rows = [_step_row(p) for p in batch]
     engine = _engine(sessions)
     if engine.dialect.name == "sqlite":
         return hotpath.commit_many_sqlite(engine, rows)
-    return [hotpath.commit(engine, r) for r in rows]
+    return hotpath.commit_many_pg(engine, rows)
 
 
 def _step_row(params: dict[str, Any]) -> dict[str, Any]:
