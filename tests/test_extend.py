@@ -368,14 +368,14 @@ def test_a_step_committed_while_its_chain_is_extended_continues_the_chain(
     sweep_id, _ = create_sweep(sessions, cfg, check=False)
     with sessions() as s:
         chain_id = s.execute(select(Chain.id)).scalar_one()
-    commit = repo.commit_step
+    commit = repo.commit_steps  # what the step service commits through
 
-    def extend_then_commit(sessions_: Any, params: dict[str, Any]) -> int | None:
-        if params["step"] == 1:
+    def extend_then_commit(sessions_: Any, batch: list[dict[str, Any]]) -> list[int | None]:
+        if any(params["step"] == 1 for params in batch):
             repo.extend_sweep(sessions_, sweep_id, 3)  # between the step's read and its commit
-        return commit(sessions_, params)
+        return commit(sessions_, batch)
 
-    monkeypatch.setattr(repo, "commit_step", extend_then_commit)
+    monkeypatch.setattr(repo, "commit_steps", extend_then_commit)
 
     async def steps() -> list[Any]:
         service = StepService(sessions)

@@ -258,9 +258,13 @@ class StepService:
         """Run a blocking database call off the event loop (SQLite: on it, see __init__)."""
         if self._inline:
             return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor(), fn, *args)
+
+    def _executor(self) -> ThreadPoolExecutor:
+        """The threads for blocking database calls, started on first use."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.db_threads, thread_name_prefix="qalign-db")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        return self._pool
 
     def run_spec(self, run_id: int) -> tuple[int, RunSpec]:
         """(sweep id, settings) of a run, re-read from the database every `SPEC_TTL_S`."""
@@ -408,10 +412,8 @@ class StepService:
             except Exception as exc:
                 self._settle(batch, exc)
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.db_threads, thread_name_prefix="qalign-db")
         running = asyncio.get_running_loop().run_in_executor(
-            self._pool, repo.commit_steps, self.sessions, rows
+            self._executor(), repo.commit_steps, self.sessions, rows
         )
 
         def settle(f: asyncio.Future[list[int | None]]) -> None:

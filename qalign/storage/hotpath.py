@@ -240,15 +240,9 @@ def commit(engine: Engine, params: dict[str, Any]) -> int | None:
     every proposal column plus the chain's new state; list values of the JSON columns are
     encoded here.
     """
-    p = _encoded(params, sqlite=engine.dialect.name != "postgresql")
     if engine.dialect.name == "postgresql":
-        import psycopg
-
-        try:
-            row = _pg_one(engine, _PG_COMMIT, p)
-        except psycopg.IntegrityError:
-            return None
-        return None if row is None else int(row[0])
+        return commit_many_pg(engine, [params])[0]
+    p = _encoded(params, sqlite=True)
     conn = engine.raw_connection()
     try:
         import sqlite3

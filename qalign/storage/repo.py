@@ -421,13 +421,6 @@ def read_chain(sessions: Sessions, chain_id: int) -> ChainRow:
     )
 
 
-def chain_target(sessions: Sessions, chain_id: int) -> int:
-    """The chain's stored `target_steps` (raised by `extend_sweep`)."""
-    with sessions() as s:
-        target = s.execute(select(Chain.target_steps).where(Chain.id == chain_id)).scalar_one()
-    return int(target)
-
-
 @dataclass(frozen=True)
 class Sibling:
     """A chain of a prompt's run, as the `stop_when` checkpoint sees it."""
