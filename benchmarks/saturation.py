@@ -31,8 +31,9 @@ Modes, measured in turn within each repetition (so each comparison is within one
 * `reference`  -- the reference implementation (`quest-alignment` from PyPI, in its own cached
                   venv; see benchmarks/reference.py), when it can be installed here
 * `run`        -- `qalign run CONFIG` (SQLite, embedded runner, --concurrency 4*C)
-* `celery-N`   -- N `qalign worker` processes (thread pool, --concurrency 2*C) on PostgreSQL +
-                  Redis, every step persisted
+* `celery-N`   -- N `qalign worker` processes (thread pool, --concurrency 4*C each, as many
+                  chains in flight as `run` and `bare`) on PostgreSQL + Redis, every step
+                  persisted
 
 Each toy server runs in its own process (as a GPU server would), and every client is a
 subprocess, so the figures include the clients' own start-up. Every measurement uses a fresh
@@ -267,7 +268,7 @@ def measure_celery(
                         "--database",
                         url,
                         "--concurrency",
-                        str(2 * CAPACITY),
+                        str(4 * CAPACITY),
                         "--name",
                         f"sat{i}-{queue}@bench",
                         "--loglevel",

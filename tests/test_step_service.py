@@ -348,3 +348,94 @@ def test_the_backlog_is_the_broker_queue_or_reserved_messages(broker: Any) -> No
     assert cached() is False
     broker.dispatcher().enqueue(1, 0)
     assert cached() is False  # within `every`: the last answer
+
+
+def test_sqlite_commits_go_to_one_writer_thread_a_batch_at_a_time(
+    sqlite_url: str, toy: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite the steps' commits run on one writer thread, never two batches at once; the
+    steps that reach their commit meanwhile go together in the next batch."""
+    import threading
+
+    from qalign.storage import repo
+
+    raw = sweep_config("writer", *toy, prompts=2, beta=1.0, steps=5, chains=8)
+    engine = make_engine(sqlite_url)
+    real = repo.commit_steps
+    lock = threading.Lock()
+    busy = [0]
+    seen: list[tuple[str, int, int]] = []  # (thread, batch size, batches in flight)
+
+    def commit_steps(sessions: Any, batch: list[dict[str, Any]]) -> list[int | None]:
+        with lock:
+            busy[0] += 1
+            seen.append((threading.current_thread().name, len(batch), busy[0]))
+        try:
+            return real(sessions, batch)
+        finally:
+            with lock:
+                busy[0] -= 1
+
+    try:
+        upgrade(engine)
+        sessions = make_sessionmaker(engine)
+        sweep_id, _ = create_sweep(sessions, parse_config(raw))
+        monkeypatch.setattr(repo, "commit_steps", commit_steps)
+
+        async def go() -> Any:
+            service = StepService(sessions)
+            try:
+                return await run_locally(service, sweep_id, progress=False)
+            finally:
+                await service.close()
+
+        asyncio.run(go())
+        with sessions() as s:
+            chains = list(s.scalars(select(Chain)))
+        assert len(chains) == 16 and all(c.status == "done" for c in chains)
+        assert sum(n for _, n, _ in seen) == 16 * 6  # every step committed once
+        assert {t for t, _, _ in seen} == {"qalign-writer_0"}
+        assert max(k for _, _, k in seen) == 1
+        assert max(n for _, n, _ in seen) > 1  # steps went together
+    finally:
+        engine.dispose()
+
+
+def test_warm_starts_the_database_threads_and_checks_the_database(pg_url: str) -> None:
+    """`StepService.warm` (a worker's start) starts the database threads and opens one
+    PostgreSQL connection (not one per thread: several workers starting together must not
+    take the server's connections for idle ones); a database that cannot be reached raises."""
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    engine = make_engine(pg_url, pool_size=4)
+    try:
+        service = StepService(make_sessionmaker(engine), db_threads=3)
+        service.warm()
+        assert engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+        assert service._pool is not None and len(service._pool._threads) == 3
+        asyncio.run(service.close())
+    finally:
+        engine.dispose()
+    dead = make_engine(
+        "postgresql+psycopg://postgres@127.0.0.1:1/none?connect_timeout=2", pool_size=4
+    )
+    try:
+        service = StepService(make_sessionmaker(dead), db_threads=3)
+        with pytest.raises((OperationalError, psycopg.OperationalError), match=r"127\.0\.0\.1"):
+            service.warm()
+        asyncio.run(service.close())
+    finally:
+        dead.dispose()
+
+
+def test_the_worker_pool_starts_all_its_threads_before_the_first_task() -> None:
+    from qalign.workers.pool import WarmThreadPool
+
+    pool = WarmThreadPool(limit=12)
+    pool.start()
+    try:
+        assert len(pool.executor._threads) == 12
+        assert pool.apply_async(lambda: None) is not None
+    finally:
+        pool.stop()

@@ -758,8 +758,8 @@ def test_committed_row_is_what_reading_the_chain_back_returns(
 
 
 def test_steps_committed_together_are_each_their_own_compare_and_set(migrated: Engine) -> None:
-    """`commit_steps` (SQLite: one transaction) gives each step what `commit_step` alone
-    would: stale and duplicate steps change nothing, the others commit."""
+    """`commit_steps` (one transaction, pipelined on PostgreSQL) gives each step what
+    `commit_step` alone would: stale and duplicate steps change nothing, the others commit."""
     from qalign.storage import repo
 
     sessions = make_sessionmaker(migrated)

@@ -15,6 +15,7 @@ full, corrupt) raises `DatabaseFailure`: that is no chain's fault, and a runner 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
@@ -240,10 +241,12 @@ class StepService:
         self.db_threads = db_threads
         self.metrics = metrics or StepMetrics()
         self._pool: ThreadPoolExecutor | None = None
+        self._writer: ThreadPoolExecutor | None = None
         bind = sessions.kw.get("bind")
-        # A local SQLite call takes tens of microseconds, less than handing it to a thread and
-        # back; and SQLite has a single writer anyway.
+        # A local SQLite read takes tens of microseconds, less than handing it to a thread and
+        # back. Its commits go to one writer thread of their own (SQLite has a single writer).
         self._inline = getattr(getattr(bind, "dialect", None), "name", "") == "sqlite"
+        self._writing = False  # SQLite: a batch of commits is at the writer thread
         self._specs: dict[int, tuple[float, int, RunSpec]] = {}
         self._limits: dict[int, tuple[int, asyncio.Semaphore]] = {}
         self._verdicts: dict[tuple[int, int, int], bool] = {}
@@ -265,6 +268,30 @@ class StepService:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.db_threads, thread_name_prefix="qalign-db")
         return self._pool
+
+    def warm(self) -> None:
+        """Start the database threads and make the first connection now (PostgreSQL), so
+        the first burst of steps does not wait for them.
+
+        Only one connection is opened here: the others open as steps need them, and several
+        workers starting at once must not take the server's `max_connections` for idle ones.
+
+        Raises the driver's error when the database cannot be reached.
+        """
+        bind = self.sessions.kw.get("bind")
+        if self._inline or bind is None:
+            return
+        bind.raw_connection().close()  # also the dialect's one-time set-up on first connect
+        # `n` jobs that each wait until all are running occupy `n` distinct threads.
+        n = self.db_threads
+        barrier = threading.Barrier(n)
+
+        def hold() -> None:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.wait(30.0)
+
+        for job in [self._executor().submit(hold) for _ in range(n)]:
+            job.result()
 
     def run_spec(self, run_id: int) -> tuple[int, RunSpec]:
         """(sweep id, settings) of a run, re-read from the database every `SPEC_TTL_S`."""
@@ -404,19 +431,27 @@ class StepService:
         return await done
 
     def _flush_commits(self) -> None:
+        # SQLite: while the writer thread commits a batch, steps reaching their commit wait
+        # and go together in the next one (bigger batches, each SQLite commit shared by more
+        # steps); the sqlite3 module lets go of the GIL while SQLite works, so the event loop
+        # goes on meanwhile. PostgreSQL: batches run on the database threads side by side.
+        if self._writing or not self._commits:
+            return
         batch, self._commits = self._commits, []
         rows = [p for p, _ in batch]
+        loop = asyncio.get_running_loop()
         if self._inline:
-            try:
-                self._settle(batch, repo.commit_steps(self.sessions, rows))
-            except Exception as exc:
-                self._settle(batch, exc)
-            return
-        running = asyncio.get_running_loop().run_in_executor(
-            self._executor(), repo.commit_steps, self.sessions, rows
-        )
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="qalign-writer")
+            self._writing = True
+        pool = self._writer if self._inline else self._executor()
+        running = loop.run_in_executor(pool, repo.commit_steps, self.sessions, rows)
 
         def settle(f: asyncio.Future[list[int | None]]) -> None:
+            if self._inline:
+                self._writing = False
+                if self._commits:
+                    loop.call_soon(self._flush_commits)
             if f.cancelled():  # the loop is going away: so are the drivers waiting here
                 for _, done in batch:
                     done.cancel()
@@ -663,6 +698,9 @@ class StepService:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
+        if self._writer is not None:
+            self._writer.shutdown(wait=False)
+            self._writer = None
 
 
 def _sqlite_file_error(exc: BaseException, sessions: repo.Sessions) -> SQLiteFileError | None:

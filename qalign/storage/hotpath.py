@@ -8,10 +8,11 @@ the pooled DBAPI connection. Everything else in `repo` keeps using SQLAlchemy.
 The commit decides `done` from the row's own `target_steps`, not from what the step read
 earlier: a `qalign sweep extend` that raised the target meanwhile leaves the chain running.
 
-PostgreSQL commits with one statement in autocommit mode (the compare-and-set UPDATE feeds the
-INSERT through a CTE, so the proposal exists iff the chain moved) and reads in autocommit mode:
-one round trip each. SQLite takes the write lock up front (`BEGIN IMMEDIATE`) so concurrent
-committers queue on the busy timeout instead of failing to upgrade a read lock.
+PostgreSQL commits a step with one statement (the compare-and-set UPDATE feeds the INSERT
+through a CTE, so the proposal exists iff the chain moved): alone in autocommit mode, one round
+trip; several steps pipelined in one transaction. Reads run in autocommit mode. SQLite takes
+the write lock up front (`BEGIN IMMEDIATE`) so concurrent committers queue on the busy timeout
+instead of failing to upgrade a read lock.
 """
 
 from __future__ import annotations
@@ -198,37 +199,64 @@ def commit_many_sqlite(engine: Engine, batch: list[dict[str, Any]]) -> list[int 
 
 
 def commit_many_pg(engine: Engine, batch: list[dict[str, Any]]) -> list[int | None]:
-    """`commit` for several steps on one pooled PostgreSQL connection, one after the other.
+    """`commit` for several steps (of different chains) in one PostgreSQL transaction.
 
-    Each statement is its own compare-and-set in autocommit mode, exactly as `commit` alone;
-    what a batch saves is a connection checkout and a hand-off to a database thread per step.
-    A connection found dead is replaced once and the batch goes on from the step that met it
-    (safe to run again: the compare-and-set).
+    Each step is still its own compare-and-set statement: a step whose chain is not at `prev`
+    changes nothing and gets None, the others commit. The statements go out pipelined and the
+    transaction commits once, so a batch costs one round trip and one WAL flush instead of one
+    of each per step (sequential flushes on one connection were most of a step's wall time). A
+    proposal that exists without its chain having moved (never, in practice) aborts the
+    transaction; the batch then goes again one step at a time, so that step alone is refused.
+    A connection found dead is replaced once and the batch runs again (safe: the
+    compare-and-set).
     """
     import psycopg
 
     encoded = [_encoded(p, sqlite=False) for p in batch]
-    out: list[int | None] = []
+    if len(encoded) == 1:
+        return [_commit_pg_alone(engine, encoded[0])]
     for attempt in (1, 2):
         conn = engine.raw_connection()
         try:
-            with _autocommit(conn):
-                cur = conn.cursor()
-                while len(out) < len(encoded):
-                    try:
-                        cur.execute(_PG_COMMIT, encoded[len(out)])
-                        row = cur.fetchone()
-                    except psycopg.IntegrityError:
-                        row = None
+            driver: Any = conn.driver_connection
+            cur = driver.cursor()  # psycopg's own, for executemany(returning=True)
+            try:
+                cur.executemany(_PG_COMMIT, encoded, returning=True)
+                out: list[int | None] = []
+                while True:
+                    row = cur.fetchone()
                     out.append(None if row is None else int(row[0]))
-                return out
+                    if not cur.nextset():
+                        break
+                conn.commit()
+            except psycopg.IntegrityError:
+                conn.rollback()
+                break
+            except BaseException:
+                if not getattr(conn.driver_connection, "broken", False):
+                    conn.rollback()
+                raise
+            if len(out) != len(encoded):  # pragma: no cover - psycopg returns one set per row
+                raise RuntimeError(f"{len(out)} results for a batch of {len(encoded)} steps")
+            return out
         except psycopg.OperationalError:
             if attempt == 2 or not getattr(conn.driver_connection, "broken", False):
                 raise
             conn.invalidate()
         finally:
             conn.close()
-    raise AssertionError("unreachable")  # pragma: no cover
+    return [_commit_pg_alone(engine, p) for p in encoded]
+
+
+def _commit_pg_alone(engine: Engine, p: dict[str, Any]) -> int | None:
+    """One encoded step's compare-and-set in autocommit mode (one round trip)."""
+    import psycopg
+
+    try:
+        row = _pg_one(engine, _PG_COMMIT, p)
+    except psycopg.IntegrityError:
+        return None
+    return None if row is None else int(row[0])
 
 
 def commit(engine: Engine, params: dict[str, Any]) -> int | None:

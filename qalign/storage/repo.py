@@ -557,8 +557,8 @@ def commit_step(sessions: Sessions, params: dict[str, Any]) -> int | None:
 
 
 def commit_steps(sessions: Sessions, batch: Sequence[dict[str, Any]]) -> list[int | None]:
-    """`commit_step` for several steps at once: on SQLite in one transaction, on PostgreSQL one
-    statement after another on one connection; each step is still its own compare-and-set.
+    """`commit_step` for several steps at once, in one transaction (on PostgreSQL, pipelined);
+    each step is still its own compare-and-set.
     Returns what `commit_step` would, in order."""
     rows = [_step_row(p) for p in batch]
     engine = _engine(sessions)

@@ -29,6 +29,7 @@ from qalign.steps.service import DatabaseFailure, StepService
 from qalign.storage.errors import ChainNotFoundError
 from qalign.workers.backlog import Backlog
 from qalign.workers.messages import InvalidStepArgsError, drop_line, parse_step_args
+from qalign.workers.pool import WarmThreadPool
 from qalign.workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -162,12 +163,24 @@ def run_worker(settings: WorkerSettings) -> int:
     )
     worker = app.Worker(
         hostname=settings.name,
-        pool_cls="threads",
+        pool_cls=WarmThreadPool,
         concurrency=settings.concurrency,
         loglevel=settings.loglevel,
         without_gossip=True,
         without_mingle=True,
     )
+    # Built and connected before the worker reports ready, so the first tasks' imports,
+    # database threads and connections are not on the sweep's critical path. Only a head
+    # start: a database gone since the CLI's check defers the steps, as it would later.
+    try:
+        runtime.service().warm()
+    except Exception as exc:
+        first = (str(exc).splitlines() or [""])[0][:200]
+        log.warning(
+            "could not open database connections before the first task (%s: %s); starting anyway",
+            type(exc).__name__,
+            first,
+        )
     try:
         worker.start()
     finally:
