@@ -218,6 +218,19 @@ def test_run_spec_round_trips_through_the_stored_config(tmp_path: Any) -> None:
 # ---- containment ------------------------------------------------------------------------------
 
 
+def run_sweep_locally(sessions: Any, sweep_id: int) -> None:
+    """Run a sweep to its end with `qalign run`'s runner and a fresh step service."""
+
+    async def go() -> None:
+        service = StepService(sessions)
+        try:
+            await run_locally(service, sweep_id, progress=False)
+        finally:
+            await service.close()
+
+    asyncio.run(go())
+
+
 def test_an_unexpected_error_is_recorded_against_its_chain_only(
     sqlite_url: str, toy: tuple[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -240,14 +253,7 @@ def test_an_unexpected_error_is_recorded_against_its_chain_only(
         monkeypatch.setattr(StepService, "_sample", sample)
         monkeypatch.setattr("qalign.steps.policy.RETRY_BASE_S", 0.01)
 
-        async def go() -> Any:
-            service = StepService(sessions)
-            try:
-                return await run_locally(service, sweep_id, progress=False)
-            finally:
-                await service.close()
-
-        asyncio.run(go())
+        run_sweep_locally(sessions, sweep_id)
         with sessions() as s:
             chains = {c.id: c for c in s.scalars(select(Chain))}
             errors = s.execute(select(StepError.chain_id, StepError.step, StepError.error)).all()
@@ -283,14 +289,7 @@ def test_a_driver_reads_its_chain_once_and_goes_on_from_its_own_commits(
         sweep_id, _ = create_sweep(sessions, parse_config(raw))
         monkeypatch.setattr(repo, "read_chain", counting_read)
 
-        async def go() -> Any:
-            service = StepService(sessions)
-            try:
-                return await run_locally(service, sweep_id, progress=False)
-            finally:
-                await service.close()
-
-        asyncio.run(go())
+        run_sweep_locally(sessions, sweep_id)
         with sessions() as s:
             chains = list(s.scalars(select(Chain).order_by(Chain.id)))
         assert [c.status for c in chains] == ["done", "done"]
@@ -382,14 +381,7 @@ def test_sqlite_commits_go_to_one_writer_thread_a_batch_at_a_time(
         sweep_id, _ = create_sweep(sessions, parse_config(raw))
         monkeypatch.setattr(repo, "commit_steps", commit_steps)
 
-        async def go() -> Any:
-            service = StepService(sessions)
-            try:
-                return await run_locally(service, sweep_id, progress=False)
-            finally:
-                await service.close()
-
-        asyncio.run(go())
+        run_sweep_locally(sessions, sweep_id)
         with sessions() as s:
             chains = list(s.scalars(select(Chain)))
         assert len(chains) == 16 and all(c.status == "done" for c in chains)

@@ -15,7 +15,6 @@ full, corrupt) raises `DatabaseFailure`: that is no chain's fault, and a runner 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import datetime as dt
 import logging
@@ -52,6 +51,7 @@ from qalign.steps.outcome import Outcome, Result
 from qalign.steps.smc import barrier as smc_barrier
 from qalign.steps.smc import released_by_failure as smc_released
 from qalign.steps.spec import RunSpec
+from qalign.steps.threads import start_threads
 from qalign.storage import repo
 from qalign.storage.errors import (
     TRANSIENT_DB_ERRORS,
@@ -282,16 +282,7 @@ class StepService:
         if self._inline or bind is None:
             return
         bind.raw_connection().close()  # also the dialect's one-time set-up on first connect
-        # `n` jobs that each wait until all are running occupy `n` distinct threads.
-        n = self.db_threads
-        barrier = threading.Barrier(n)
-
-        def hold() -> None:
-            with contextlib.suppress(threading.BrokenBarrierError):
-                barrier.wait(30.0)
-
-        for job in [self._executor().submit(hold) for _ in range(n)]:
-            job.result()
+        start_threads(self._executor(), self.db_threads)
 
     def run_spec(self, run_id: int) -> tuple[int, RunSpec]:
         """(sweep id, settings) of a run, re-read from the database every `SPEC_TTL_S`."""

@@ -9,15 +9,9 @@ them all before the worker reports ready takes that off the sweep's critical pat
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from typing import Any
-
 from celery.concurrency.thread import TaskPool
 
-# How long the start-up waits for all threads to exist; past it the pool starts the rest
-# lazily, as Celery's does (never a reason not to start the worker).
-_WARM_TIMEOUT_S = 30.0
+from qalign.steps.threads import start_threads
 
 
 class WarmThreadPool(TaskPool):  # type: ignore[misc]  # celery is untyped
@@ -25,14 +19,4 @@ class WarmThreadPool(TaskPool):  # type: ignore[misc]  # celery is untyped
 
     def on_start(self) -> None:
         super().on_start()
-        # `limit` jobs that each wait until all are running occupy `limit` distinct threads,
-        # so the executor has to start every one of them.
-        barrier = threading.Barrier(self.limit)
-
-        def hold() -> None:
-            with contextlib.suppress(threading.BrokenBarrierError):
-                barrier.wait(_WARM_TIMEOUT_S)
-
-        jobs: list[Any] = [self.executor.submit(hold) for _ in range(self.limit)]
-        for job in jobs:
-            job.result()
+        start_threads(self.executor, self.limit)
