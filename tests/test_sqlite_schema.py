@@ -18,6 +18,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from sqlalchemy import create_engine, inspect, select
 from qalign.config import parse_config
 from qalign.scheduler.sweeps import create_sweep
 from qalign.steps.service import DatabaseFailure, StepService
-from qalign.storage.engine import make_engine, make_sessionmaker
+from qalign.storage.engine import _switch_to_wal, make_engine, make_sessionmaker
 from qalign.storage.migrate import HEAD, check_schema, upgrade
 from qalign.storage.models import Base, Chain
 from tests.sweeps_support import sweep_config, write_config
@@ -165,6 +166,42 @@ def test_two_first_runs_on_one_new_file_both_succeed(tmp_path: Path, toy: tuple[
         for proc in procs:
             _assert_ok(_finish(proc))
         _assert_complete(url)
+
+
+def test_opening_a_new_file_waits_out_another_connections_write_lock(tmp_path: Path) -> None:
+    """Switching a new file to WAL while another connection holds the write lock is refused at
+    once by SQLite (busy_timeout does not apply); opening through the engine retries until the
+    lock is gone instead of failing the command (what made two first runs race)."""
+    path = tmp_path / "new.sqlite"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    plain = sqlite3.connect(path, timeout=30)
+    with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+        plain.execute("PRAGMA journal_mode=WAL")
+    plain.close()
+
+    engine = make_engine(f"sqlite:///{path}")
+    opened: list[str] = []
+    failed: list[BaseException] = []
+
+    def open_it() -> None:
+        try:
+            with engine.connect() as conn:
+                opened.append(conn.exec_driver_sql("PRAGMA journal_mode").scalar_one())
+        except BaseException as exc:  # reported by the assertion below
+            failed.append(exc)
+
+    thread = threading.Thread(target=open_it)
+    thread.start()
+    # Release the lock only once the engine has been refused at least once and is retrying.
+    while _switch_to_wal.statistics.get("attempt_number", 0) < 2 and thread.is_alive():
+        time.sleep(0.005)
+    holder.execute("COMMIT")
+    holder.close()
+    thread.join(timeout=SUBPROCESS_TIMEOUT_S)
+    engine.dispose()
+    assert not failed, failed
+    assert opened == ["wal"]
 
 
 # ---- (b) a kill in the middle of the migrations --------------------------------------------------

@@ -12,10 +12,12 @@ import functools
 import json
 import os
 import re
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
+import tenacity
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, ExceptionContext, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError, NoSuchModuleError
@@ -158,12 +160,31 @@ def _check_sqlite_directory(url: URL) -> None:
 SQLITE_BUSY_PRAGMA = "PRAGMA busy_timeout=" + str(int(SQLITE_BUSY_TIMEOUT_MS))
 
 
+def _sqlite_busy(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and (
+        "database is locked" in str(exc) or "database is busy" in str(exc)
+    )
+
+
+# Two connections switching one new file to WAL at once each read page 1 and then try to upgrade
+# to a write lock; SQLite refuses the second upgrade at once (it would deadlock) without calling
+# the busy handler, so busy_timeout does not cover it. Retried here within the same time budget.
+@tenacity.retry(
+    retry=tenacity.retry_if_exception(_sqlite_busy),
+    wait=tenacity.wait_random_exponential(multiplier=0.005, max=0.2),
+    stop=tenacity.stop_after_delay(SQLITE_BUSY_TIMEOUT_MS / 1000),
+    reraise=True,
+)
+def _switch_to_wal(cursor: Any) -> None:
+    cursor.execute("PRAGMA journal_mode=WAL")  # in-memory databases answer "memory"
+
+
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
         # busy_timeout first: switching a fresh file to WAL may have to wait for another connection.
         cursor.execute(SQLITE_BUSY_PRAGMA)
-        cursor.execute("PRAGMA journal_mode=WAL")  # in-memory databases answer "memory"
+        _switch_to_wal(cursor)
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
     finally:
