@@ -10,6 +10,8 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.sources import parse_source
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "qalign"
 
@@ -36,7 +38,7 @@ def _resolve(name: str) -> str | None:
 def _imports(module: str) -> Iterator[str]:
     path = MODULES[module]
     is_package = path.name == "__init__.py"
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(parse_source(path)):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if (target := _resolve(alias.name)) is not None:
@@ -131,7 +133,7 @@ def test_core_does_no_io() -> None:
     for module, path in MODULES.items():
         if not module.startswith("qalign.core"):
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(parse_source(path)):
             names = []
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]

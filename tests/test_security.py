@@ -30,6 +30,7 @@ from qalign.storage.engine import make_engine, make_sessionmaker
 from qalign.storage.migrate import ensure_schema
 from qalign.storage.models import Chain, Proposal
 from qalign.toy.server import ToyServerOptions, serve_in_thread
+from tests.sources import parse_source
 from tests.stub_servers import proxy_app, serve_in_background
 from tests.sweeps_support import ROOT, Broker, Worker, sweep_config, wait_done, workers
 
@@ -367,7 +368,7 @@ def _built_strings(tree: ast.AST) -> list[str]:
 def test_no_sql_is_built_from_strings_in_product_code() -> None:
     offenders = {}
     for path in sorted([*(ROOT / "qalign").rglob("*.py"), *(ROOT / "migrations").rglob("*.py")]):
-        bad = _built_strings(ast.parse(path.read_text(), str(path)))
+        bad = _built_strings(parse_source(path))
         if bad:
             offenders[str(path.relative_to(ROOT))] = bad
     assert not offenders, offenders
