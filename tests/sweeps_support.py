@@ -147,6 +147,21 @@ class Worker:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def stacks(self, timeout: float = 30.0) -> str:
+        """The worker's thread stacks (`kill -USR1`: Celery's handler logs them), for a test
+        that found it stuck: the end of its log once the dump has appeared there."""
+        if self.proc.poll() is not None:
+            return f"{self.name}: exited {self.proc.returncode}\n{self.output()[-4000:]}"
+        before = self.output().count("LOCAL VARIABLES")
+        os.kill(self.proc.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while self.output().count("LOCAL VARIABLES") <= before:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        time.sleep(0.5)  # the dump is written thread by thread
+        return f"{self.name}:\n{self.output()[-60000:]}"
+
 
 @contextmanager
 def workers(*items: Worker) -> Iterator[tuple[Worker, ...]]:

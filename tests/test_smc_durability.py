@@ -82,16 +82,19 @@ def committed(db_url: str) -> dict[tuple[str, int], tuple[int, Any]]:
     return {(k, step): (pid, at) for k, step, pid, at in rows}
 
 
-def wait_mid_sweep(db_url: str, gate: Gate, alive: Any, output: Any) -> None:
+def wait_mid_sweep(db_url: str, gate: Gate, alive: Any, output: Any, stuck: Any = None) -> None:
     """Until some blocks after the first are committed, a barrier ran and a generation is held
-    at the gate: the sweep is mid-step (observed, not timed)."""
+    at the gate: the sweep is mid-step (observed, not timed). `stuck()` says what the runners
+    are doing when that never happens (default: `output()`)."""
     deadline = time.monotonic() + 300  # wide for a loaded machine, under pytest's 600 s
     while True:
         blocks, barriers = progress(db_url)
         if blocks >= ALLOWED and barriers >= 1 and gate.held >= 1:
             return
         assert alive(), output()
-        assert time.monotonic() < deadline, (blocks, barriers, output())
+        if time.monotonic() >= deadline:
+            seen = f"{blocks} blocks, {barriers} barriers, gate: {gate.passed} in, {gate.held} held"
+            pytest.fail(f"the sweep stopped short ({seen}):\n{(stuck or output)()}")
         time.sleep(0.1)
 
 
@@ -158,6 +161,7 @@ def test_sigkilled_celery_workers_mid_smc_sweep_resume_to_the_same_rows(
             gate,
             lambda: all(v.proc.poll() is None for v in victims),
             lambda: "\n".join(v.output()[-2000:] for v in victims),
+            lambda: "\n".join(v.stacks() for v in victims),
         )
         for v in victims:
             v.kill(signal.SIGKILL)
