@@ -41,7 +41,11 @@ from tests.sweeps_support import (
 
 PROMPTS, PARTICLES, TOKENS = 3, 6, 4  # 3 barriers per prompt; at most 72 generations
 CHAINS = PROMPTS * PARTICLES
-ALLOWED = CHAINS + PARTICLES  # every block 0 and one prompt's worth of block 1, then the gate
+# Every block 0 and one prompt's worth of block 1, then the gate. Not every pass becomes a block:
+# a barrier's winner may wake a sibling that was about to go on by itself, and the second of the
+# two drivers' generations then commits nothing (a duplicate), so the wait below counts blocks
+# past the first ones, not passes.
+ALLOWED = CHAINS + PARTICLES
 
 
 def smc_config(name: str, gen: str, rm: str) -> dict[str, Any]:
@@ -89,7 +93,7 @@ def wait_mid_sweep(db_url: str, gate: Gate, alive: Any, output: Any, stuck: Any 
     deadline = time.monotonic() + 300  # wide for a loaded machine, under pytest's 600 s
     while True:
         blocks, barriers = progress(db_url)
-        if blocks >= ALLOWED and barriers >= 1 and gate.held >= 1:
+        if blocks > CHAINS and barriers >= 1 and gate.held >= 1:
             return
         assert alive(), output()
         if time.monotonic() >= deadline:
@@ -123,7 +127,7 @@ def test_a_sigkilled_local_run_resumes_to_the_rows_of_an_uninterrupted_one(
             log.close()
             gate.open()
         before = committed(sqlite_url)
-        assert ALLOWED <= len(before) < CHAINS * TOKENS
+        assert CHAINS < len(before) < CHAINS * TOKENS
         out = cli("run", str(path), "--database", sqlite_url, "--quiet")
         assert out.returncode == 0 and "resuming sweep 'killed'" in out.stderr, out.stderr
     after = committed(sqlite_url)
@@ -166,7 +170,7 @@ def test_sigkilled_celery_workers_mid_smc_sweep_resume_to_the_same_rows(
         for v in victims:
             v.kill(signal.SIGKILL)
         before = committed(pg_url)
-        assert ALLOWED <= len(before) < CHAINS * TOKENS
+        assert CHAINS < len(before) < CHAINS * TOKENS
         gate.open()
         rescuer = Worker("rescuer@host", pg_url, broker, concurrency=4, log_dir=tmp_path)
         stack.enter_context(workers(rescuer))
