@@ -282,3 +282,20 @@ def smc_complete(rows: dict[str, list[tuple[Any, ...]]]) -> None:
     assert [(a[0], a[1]) for a in rows["ancestry"]] == sorted(
         (k, t) for k, n in blocks.items() for t in range(1, n)
     )
+
+
+def run_sweep_locally(sessions: Any, sweep_id: int) -> None:
+    """Run a sweep to its end with `qalign run`'s runner and a fresh step service."""
+    import asyncio
+
+    from qalign.scheduler.local import run_locally
+    from qalign.steps.service import StepService
+
+    async def go() -> None:
+        service = StepService(sessions)
+        try:
+            await run_locally(service, sweep_id, progress=False)
+        finally:
+            await service.close()
+
+    asyncio.run(go())

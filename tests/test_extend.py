@@ -37,7 +37,16 @@ from qalign.storage.models import Chain, Prompt, Proposal, Run, Sweep, SweepExte
 from qalign.toy.server import ToyServerOptions, serve_in_thread
 from tests.runners import CeleryRunner, LocalRunner
 from tests.stub_servers import Gate, proxy_app, serve_in_background
-from tests.sweeps_support import QALIGN, ROOT, Broker, Worker, cli, sweep_config, workers
+from tests.sweeps_support import (
+    QALIGN,
+    ROOT,
+    Broker,
+    Worker,
+    cli,
+    run_sweep_locally,
+    sweep_config,
+    workers,
+)
 from tests.sweeps_support import write_config as write_yaml
 
 COMPLETIONS = "/v1/completions"
@@ -403,14 +412,7 @@ def test_status_counts_the_new_totals_and_times_the_steps_since_the_extension(
     cfg = parse_config(sweep_config("eta", *toy, prompts=1, beta=1.0, steps=2, chains=2))
     sweep_id, _ = create_sweep(sessions, cfg, check=False)
 
-    async def run() -> None:
-        service = StepService(sessions)
-        try:
-            await run_locally(service, sweep_id, progress=False)
-        finally:
-            await service.close()
-
-    asyncio.run(run())
+    run_sweep_locally(sessions, sweep_id)
     (row,) = _status_rows(sessions, sweep_id)
     assert (row["steps_done"], row["steps_total"], row["eta_s"], row["extended_at"]) == (
         6, 6, 0.0, None,
@@ -420,7 +422,7 @@ def test_status_counts_the_new_totals_and_times_the_steps_since_the_extension(
     # No step since the extension: no throughput to extrapolate from (not the first steps').
     assert (row["steps_done"], row["steps_total"], row["chains_done"]) == (6, 12, 0)
     assert row["steps_per_s"] is None and row["eta_s"] is None and row["extended_at"]
-    asyncio.run(run())
+    run_sweep_locally(sessions, sweep_id)
     (row,) = _status_rows(sessions, sweep_id)
     assert (row["steps_done"], row["steps_total"], row["chains_done"]) == (12, 12, 2)
     assert row["steps_per_s"] is not None and row["steps_per_s"] > 0 and row["eta_s"] == 0.0

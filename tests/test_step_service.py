@@ -13,7 +13,6 @@ from sqlalchemy import select
 
 from qalign.config import parse_config
 from qalign.dispatch.inprocess import InProcessDispatcher
-from qalign.scheduler.local import run_locally
 from qalign.scheduler.sweeps import create_sweep
 from qalign.steps.drive import drive, follow
 from qalign.steps.metrics import StepMetrics
@@ -33,7 +32,7 @@ from qalign.steps.spec import RunSpec
 from qalign.storage.engine import make_engine, make_sessionmaker
 from qalign.storage.migrate import upgrade
 from qalign.storage.models import Chain, ChainStatus, StepError
-from tests.sweeps_support import sweep_config
+from tests.sweeps_support import run_sweep_locally, sweep_config
 
 # ---- after_step: one policy for every runner --------------------------------------------------
 
@@ -216,19 +215,6 @@ def test_run_spec_round_trips_through_the_stored_config(tmp_path: Any) -> None:
 
 
 # ---- containment ------------------------------------------------------------------------------
-
-
-def run_sweep_locally(sessions: Any, sweep_id: int) -> None:
-    """Run a sweep to its end with `qalign run`'s runner and a fresh step service."""
-
-    async def go() -> None:
-        service = StepService(sessions)
-        try:
-            await run_locally(service, sweep_id, progress=False)
-        finally:
-            await service.close()
-
-    asyncio.run(go())
 
 
 def test_an_unexpected_error_is_recorded_against_its_chain_only(
